@@ -1,0 +1,1 @@
+"""Alignment data pipeline (reference completions, rewards, reference log-probs): own issue."""

@@ -1,0 +1,1 @@
+"""Model merging through mergekit driven by a Hydra config: own issue."""

@@ -1,0 +1,107 @@
+"""Supervised fine-tuning entrypoint.
+
+    python -m post_training.train_sft [model=...] [dataset=...] [trainer=...] [key=value ...]
+
+compose (Hydra) -> run dir + resume target -> tokenizer -> data -> model -> trainer -> final model
+-> exact-match evaluation. Exits with ``EXIT_CODE_STOPPED`` (75) when stopped by SIGUSR1/SIGTERM
+after saving a checkpoint, so a pre-submitted SLURM successor resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+
+from post_training.data_sft.load import load_sft_data
+from post_training.evaluate import default_output_file, generation_accuracy, write_result
+from post_training.trainers import TRAINERS
+from post_training.trainers.base import check_training_length
+from post_training.utils.config import ConfigError, register_resolvers
+from post_training.utils.models import load_model, load_tokenizer
+from post_training.utils.run import setup_run
+from post_training.utils.signals import EXIT_CODE_STOPPED
+from post_training.utils.tracking import MetricsLogger
+
+log = logging.getLogger(__name__)
+register_resolvers()
+
+
+def apply_debug(cfg: DictConfig) -> None:
+    """``debug.enabled``: a few steps (the output root is already ``outputs-debug``)."""
+    check_training_length(cfg.training_args)
+    if cfg.debug.enabled:
+        for key in ("num_train_epochs", "num_training_samples", "num_training_tokens"):
+            cfg.training_args[key] = None
+        cfg.training_args.max_steps = cfg.debug.max_steps
+        cfg.evaluation.max_examples = 20
+
+
+def run(cfg: DictConfig) -> int:
+    """Train and evaluate; returns the process exit code."""
+    apply_debug(cfg)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    if cfg.trainer.name not in TRAINERS:
+        raise ConfigError(f"trainer.name {cfg.trainer.name!r}: known trainers {sorted(TRAINERS)}")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=int(cfg.training_args.gradient_accumulation_steps),
+        mixed_precision=cfg.training_args.mixed_precision,
+    )
+    set_seed(int(cfg.seed))
+    run_ctx = setup_run(cfg, accelerator.is_main_process)
+
+    tokenizer = load_tokenizer(run_ctx.config["model"])
+    data = load_sft_data(run_ctx.config["dataset"], tokenizer, int(cfg.model.max_seq_length))
+    model = load_model(run_ctx.config["model"], tokenizer)
+    metrics = MetricsLogger(
+        run_ctx.run_dir,
+        run_ctx.config,
+        run_id=f"{cfg.job_subdir}-{run_ctx.config_hash}",
+        enabled=accelerator.is_main_process,
+        tensorboard=bool(cfg.tensorboard),
+        wandb_cfg=run_ctx.config["wandb"],
+    )
+    try:
+        trainer = TRAINERS[cfg.trainer.name](
+            run_ctx.config, model, tokenizer, data.train, data.eval, accelerator, run_ctx, metrics
+        )
+        outcome = trainer.train()
+        if outcome.stopped_by_signal:
+            return EXIT_CODE_STOPPED
+        if cfg.evaluation.at_end and data.eval_rows and accelerator.is_main_process:
+            rows = data.eval_rows[: cfg.evaluation.max_examples or None]
+            result = generation_accuracy(
+                accelerator.unwrap_model(trainer.model),
+                tokenizer,
+                rows,
+                run_ctx.config["dataset"],
+                int(cfg.evaluation.max_new_tokens),
+                int(cfg.evaluation.batch_size),
+            )
+            result.update(model_path=str(outcome.final_model_dir), dataset=cfg.dataset.name)
+            write_result(result, default_output_file(outcome.final_model_dir, cfg.dataset.name))
+            metrics.log(
+                {"eval_accuracy": result["accuracy"]}
+                | {f"eval_accuracy/{k}": v for k, v in result["per_task"].items()},
+                outcome.state.global_step,
+            )
+        return 0
+    finally:
+        metrics.close()
+        accelerator.end_training()
+
+
+@hydra.main(config_path="configs", config_name="train-sft", version_base=None)
+def main(cfg: DictConfig) -> None:
+    OmegaConf.set_struct(cfg, True)
+    code = run(cfg)
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

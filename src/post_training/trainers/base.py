@@ -1,0 +1,384 @@
+"""The training loop shared by every trainer; subclasses only say how a batch becomes a loss.
+
+One optimizer step consumes one *global batch* of ``per_device_batch × accumulation × ranks``
+examples, taken in order from a per-epoch permutation seeded by ``seed + epoch``. The data order is
+therefore a pure function of the step number, which makes resuming exact: a checkpoint at step
+``s`` restores model, optimizer, scheduler and RNG states, and training continues with global
+batch ``s``. Losses are normalised by the number of loss tokens in the whole accumulation window
+on all ranks (counted before the first forward), so k accumulated micro-batches equal one batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+
+from post_training.data_sft.collate import pad_collate
+from post_training.utils import checkpointing as ckpt
+from post_training.utils.config import ConfigError
+from post_training.utils.run import RunContext
+from post_training.utils.signals import GracefulStop
+from post_training.utils.tracking import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+FINAL_MODEL_DIR = "final-model"
+LENGTH_KEYS = ("max_steps", "num_train_epochs", "num_training_samples", "num_training_tokens")
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint."""
+
+    global_step: int = 0
+    total_steps: int = 0
+    tokens_seen: int = 0  # non-padding input tokens, all ranks
+    loss_tokens_seen: int = 0
+    samples_seen: int = 0
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    state: TrainState
+    stopped_by_signal: bool
+    final_model_dir: Path | None
+    last_checkpoint: Path | None
+
+
+def check_training_length(args: dict[str, Any]) -> str:
+    """The one training-length key that is set; a clear error if none or several are."""
+    chosen = [k for k in LENGTH_KEYS if args.get(k) is not None]
+    if len(chosen) != 1:
+        raise ConfigError(
+            "Set exactly one of training_args."
+            + ", training_args.".join(LENGTH_KEYS)
+            + f" (the others null); got {chosen or 'none'}"
+        )
+    if chosen[0] == "num_training_tokens" and not args.get("packing"):
+        raise ConfigError("training_args.num_training_tokens needs training_args.packing=true")
+    if args.get("packing"):
+        raise ConfigError(
+            "training_args.packing=true: padding-free packing arrives with the data-pipeline "
+            "issue; this build trains on right-padded batches only."
+        )
+    return chosen[0]
+
+
+class Trainer(ABC):
+    """Owns the loop, checkpoints, logging and graceful stop. Subclasses implement the loss."""
+
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        train_data: list[dict[str, list[int]]],
+        eval_data: list[dict[str, list[int]]],
+        accelerator: Accelerator,
+        run: RunContext,
+        metrics: MetricsLogger,
+    ) -> None:
+        self.cfg = cfg
+        self.args = cfg["training_args"]
+        self.tokenizer = tokenizer
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.accelerator = accelerator
+        self.run = run
+        self.metrics = metrics
+        self.state = TrainState()
+
+        self.micro_batch = int(self.args["per_device_train_batch_size"])
+        self.accumulation = int(self.args["gradient_accumulation_steps"])
+        self.world = accelerator.num_processes
+        self.global_batch = self.micro_batch * self.accumulation * self.world
+        self.steps_per_epoch = len(train_data) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"The training split has {len(train_data)} examples, fewer than one global batch "
+                f"({self.global_batch} = per-device batch × accumulation × {self.world} ranks)"
+            )
+        self.state.total_steps = self._total_steps()
+
+        if self.args["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable()
+        optimizer = self._make_optimizer(model)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.scheduler = self._make_scheduler(self.optimizer)
+        accelerator.register_for_checkpointing(self.scheduler)
+
+    # ----------------------------------------------------------------------------- subclass API
+    @abstractmethod
+    def compute_loss(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], num_loss_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro-batch, already divided by the window's ``num_loss_tokens``.
+
+        Metrics must include ``nll_sum`` (summed over the micro-batch) for logging.
+        """
+
+    @abstractmethod
+    def count_loss_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Number of tokens that the loss of this micro-batch averages over."""
+
+    # ------------------------------------------------------------------------------ set-up
+    def _total_steps(self) -> int:
+        key = check_training_length(self.args)
+        value = self.args[key]
+        if key == "max_steps":
+            return int(value)
+        if key == "num_train_epochs":
+            return math.ceil(float(value) * self.steps_per_epoch)
+        return math.ceil(int(value) / self.global_batch)  # num_training_samples
+
+    def _make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": float(self.args["weight_decay"])},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(
+            groups,
+            lr=float(self.args["learning_rate"]),
+            betas=(float(self.args["adam_beta1"]), float(self.args["adam_beta2"])),
+            eps=float(self.args["adam_epsilon"]),
+            fused=self.accelerator.device.type == "cuda",
+        )
+
+    def _make_scheduler(self, optimizer: torch.optim.Optimizer):
+        warmup = self.args.get("warmup_steps")
+        if warmup is None:
+            warmup = math.ceil(float(self.args["warmup_ratio"]) * self.state.total_steps)
+        return get_scheduler(
+            self.args["lr_scheduler_type"],
+            optimizer,
+            num_warmup_steps=int(warmup),
+            num_training_steps=self.state.total_steps,
+        )
+
+    # ------------------------------------------------------------------------------ data order
+    def global_batch_indices(self, step: int) -> list[int]:
+        """Example indices of the global batch used at optimizer step ``step`` (0-based)."""
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        generator = torch.Generator().manual_seed(int(self.cfg["seed"]) + epoch)
+        order = torch.randperm(len(self.train_data), generator=generator)
+        start = offset * self.global_batch
+        return order[start : start + self.global_batch].tolist()
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of step ``step``: micro-batch m of rank r is slot m·W + r."""
+        indices = self.global_batch_indices(step)
+        rank, size = self.accelerator.process_index, self.micro_batch
+        batches = []
+        for m in range(self.accumulation):
+            slot = m * self.world + rank
+            examples = [self.train_data[i] for i in indices[slot * size : (slot + 1) * size]]
+            batch = pad_collate(examples, self.tokenizer.pad_token_id)
+            batches.append({k: v.to(self.accelerator.device) for k, v in batch.items()})
+        return batches
+
+    def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().to(self.accelerator.device, torch.float64)
+        return self.accelerator.reduce(value, "sum") if self.world > 1 else value
+
+    # ------------------------------------------------------------------------------ loop
+    def train(self) -> TrainOutcome:
+        if self.run.resume_from is not None:
+            self._load_checkpoint(self.run.resume_from)
+        stopper = GracefulStop().install()
+        try:
+            return self._train_loop(stopper)
+        finally:
+            stopper.uninstall()
+
+    def _train_loop(self, stopper: GracefulStop) -> TrainOutcome:
+        args, state = self.args, self.state
+        log.info(
+            "Training %d steps from step %d: %d examples, global batch %d "
+            "(%d per device × %d accumulation × %d ranks), %d steps per epoch",
+            state.total_steps,
+            state.global_step,
+            len(self.train_data),
+            self.global_batch,
+            self.micro_batch,
+            self.accumulation,
+            self.world,
+            self.steps_per_epoch,
+        )
+        self.model.train()
+        window = {"nll": 0.0, "loss_tokens": 0.0, "tokens": 0.0, "start": time.perf_counter()}
+        last_saved: Path | None = None
+        stopped = False
+        while state.global_step < state.total_steps:
+            grad_norm, lr = self._optimizer_step(window)
+            state.global_step += 1
+            step = state.global_step
+            stop_now = self._stop_requested(stopper)
+
+            if step % int(args["logging_steps"]) == 0 or step == state.total_steps or stop_now:
+                self._log_train(window, grad_norm, lr)
+            if args.get("eval_steps") and step % int(args["eval_steps"]) == 0:
+                self.metrics.log(self.evaluate_loss(), step)
+            every = args.get("inference_checkpoint_steps")
+            if every and step % int(every) == 0:
+                self.save_model(self.run.checkpoint_dir / f"inference-checkpoint-{step}")
+            if (args.get("save_steps") and step % int(args["save_steps"]) == 0) or stop_now:
+                last_saved = self.save_checkpoint()
+            if stop_now:
+                stopped = True
+                log.warning(
+                    "Stopped by %s at step %d; checkpoint %s",
+                    stopper.signal_name or "a signal on another rank",
+                    step,
+                    last_saved,
+                )
+                break
+
+        if stopped:
+            return TrainOutcome(state, True, None, last_saved)
+        if last_saved is None or ckpt.step_of(last_saved) != state.global_step:
+            last_saved = self.save_checkpoint()
+        if self.eval_data:
+            self.metrics.log(self.evaluate_loss(), state.global_step)
+        final = self.run.checkpoint_dir / FINAL_MODEL_DIR
+        self.save_model(final)
+        if self.accelerator.is_main_process:
+            print(f"Final model: {final}", flush=True)
+        return TrainOutcome(state, False, final, last_saved)
+
+    def _optimizer_step(self, window: dict[str, float]) -> tuple[float, float]:
+        """One optimizer step over this rank's micro-batches; updates the logging window."""
+        accelerator, state = self.accelerator, self.state
+        batches = self.micro_batches(state.global_step)
+        local = torch.stack([self.count_loss_tokens(b).double() for b in batches]).sum()
+        num_loss_tokens = self._sum_over_ranks(local).clamp(min=1.0)
+        # DDP averages gradients over ranks: scale by W so the result is Σ/num_loss_tokens.
+        scale = float(self.world)
+        nll = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        for batch in batches:
+            with accelerator.accumulate(self.model):
+                loss, metrics = self.compute_loss(self.model, batch, num_loss_tokens.float())
+                # accelerate divides by the accumulation steps; our loss is already normalised.
+                accelerator.backward(loss * scale * self.accumulation)
+            nll += metrics["nll_sum"].double()
+            tokens += batch["attention_mask"].sum()
+        max_norm = self.args.get("max_grad_norm")
+        grad_norm = accelerator.clip_grad_norm_(
+            self.model.parameters(), float(max_norm) if max_norm else float("inf")
+        )
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        totals = self._sum_over_ranks(torch.stack([nll, tokens]))
+        state.tokens_seen += int(totals[1].item())
+        state.loss_tokens_seen += int(num_loss_tokens.item())
+        state.samples_seen += self.global_batch
+        window["nll"] += float(totals[0].item())
+        window["loss_tokens"] += float(num_loss_tokens.item())
+        window["tokens"] += float(totals[1].item())
+        return float(grad_norm), float(lr)
+
+    def _stop_requested(self, stopper: GracefulStop) -> bool:
+        flag = torch.tensor(float(stopper.requested), device=self.accelerator.device)
+        if self.world > 1:
+            flag = self.accelerator.reduce(flag, "max")
+        return bool(flag.item())
+
+    def _log_train(self, window: dict[str, float], grad_norm: float, lr: float) -> None:
+        elapsed = max(time.perf_counter() - window["start"], 1e-9)
+        step = self.state.global_step
+        self.metrics.log(
+            {
+                "loss": window["nll"] / max(window["loss_tokens"], 1.0),
+                "learning_rate": lr,
+                "grad_norm": grad_norm,
+                "epoch": step / self.steps_per_epoch,
+                "num_tokens": self.state.tokens_seen,
+                "num_loss_tokens": self.state.loss_tokens_seen,
+                "num_samples": self.state.samples_seen,
+                "tokens_per_second": window["tokens"] / elapsed,
+            },
+            step,
+        )
+        window.update(nll=0.0, loss_tokens=0.0, tokens=0.0, start=time.perf_counter())
+
+    @torch.no_grad()
+    def evaluate_loss(self) -> dict[str, float]:
+        """Mean loss over the eval split (same normalisation as training)."""
+        self.model.eval()
+        size = int(self.args["per_device_eval_batch_size"])
+        chunks = range(0, len(self.eval_data), size)
+        nll = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
+        for start in list(chunks)[self.accelerator.process_index :: self.world]:
+            batch = pad_collate(self.eval_data[start : start + size], self.tokenizer.pad_token_id)
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            n = self.count_loss_tokens(batch).double()
+            _, metrics = self.compute_loss(self.model, batch, n.float().clamp(min=1.0))
+            nll += metrics["nll_sum"].double()
+            count += n
+        totals = self._sum_over_ranks(torch.stack([nll, count]))
+        self.model.train()
+        return {"eval_loss": float(totals[0] / totals[1].clamp(min=1.0))}
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Full resumable checkpoint, written under a temporary name and renamed when complete."""
+        root = self.run.checkpoint_dir
+        final = ckpt.checkpoint_path(root, self.state.global_step)
+        tmp = ckpt.temporary_path(final)
+        if self.accelerator.is_main_process:
+            ckpt.remove_stale_temporaries(root)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        if self.accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2) + "\n")
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            ckpt.finalize(tmp, final)
+            ckpt.rotate(root, self.args.get("save_total_limit"))
+        self.accelerator.wait_for_everyone()
+        log.info("Saved checkpoint %s", final)
+        return final
+
+    def _load_checkpoint(self, path: Path) -> None:
+        self.accelerator.load_state(str(path))
+        saved = json.loads((path / STATE_FILE).read_text())
+        if saved["total_steps"] != self.state.total_steps:
+            raise ConfigError(
+                f"{path}: checkpoint planned {saved['total_steps']} steps, this config plans "
+                f"{self.state.total_steps}; the data order would not match"
+            )
+        self.state = TrainState(**saved)
+        log.info("Resumed at step %d from %s", self.state.global_step, path)
+
+    def save_model(self, directory: Path) -> None:
+        """Inference checkpoint: safetensors weights, config, tokenizer and chat template."""
+        tmp = ckpt.temporary_path(directory)
+        state_dict = self.accelerator.get_state_dict(self.model)
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            unwrapped.save_pretrained(tmp, state_dict=state_dict)
+            self.tokenizer.save_pretrained(tmp)
+            ckpt.finalize(tmp, directory)
+        self.accelerator.wait_for_everyone()

@@ -1,0 +1,104 @@
+"""Load the tokenizer and causal LM named by a ``model/*.yaml`` config (offline, safetensors only)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from post_training.utils.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"model.torch_dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def _apply_special_tokens(tokenizer: PreTrainedTokenizerBase, special: dict[str, Any]) -> None:
+    """Set bos/eos/pad from the config and check each id against the tokenizer's vocabulary."""
+    for role in ("bos", "eos", "pad"):
+        token = special.get(f"{role}_token")
+        expected_id = special.get(f"{role}_token_id")
+        if token is None:
+            continue
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or (
+            token_id == tokenizer.unk_token_id and token != tokenizer.unk_token
+        ):
+            raise ConfigError(f"model.special_tokens.{role}_token {token!r} is not in the vocabulary")
+        if expected_id is not None and token_id != expected_id:
+            raise ConfigError(
+                f"model.special_tokens.{role}_token_id is {expected_id} but the tokenizer maps "
+                f"{token!r} to {token_id}"
+            )
+        setattr(tokenizer, f"{role}_token", token)
+    if tokenizer.pad_token_id is None:
+        raise ConfigError("The tokenizer has no pad token: set model.special_tokens.pad_token.")
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ConfigError(
+            "pad token == eos token: EOS would be masked out of the labels and never learned; "
+            "set model.special_tokens.pad_token to another (reserved) token."
+        )
+
+
+def load_tokenizer(model_cfg: dict[str, Any]) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_cfg["tokenizer_name_or_path"], trust_remote_code=model_cfg["trust_remote_code"]
+    )
+    _apply_special_tokens(tokenizer, model_cfg.get("special_tokens") or {})
+    template = model_cfg.get("chat_template")
+    if template is not None:
+        if "{%" in template or "{{" in template:
+            tokenizer.chat_template = template
+        else:
+            raise ConfigError(
+                f"model.chat_template {template!r}: named templates arrive with the data-pipeline "
+                "issue; use null (the tokenizer's own) or a Jinja string."
+            )
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"Tokenizer {model_cfg['tokenizer_name_or_path']} has no chat template: "
+            "set model.chat_template."
+        )
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(model_cfg: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """From pretrained safetensors, or randomly initialised from ``init_seed`` (tiny model)."""
+    dtype = torch_dtype(model_cfg["torch_dtype"])
+    common = {
+        "dtype": dtype,
+        "attn_implementation": model_cfg["attn_implementation"],
+        "trust_remote_code": model_cfg["trust_remote_code"],
+    }
+    path = model_cfg["model_name_or_path"]
+    if model_cfg["init_from_config"]:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(model_cfg["init_seed"]))
+            model = AutoModelForCausalLM.from_config(config, **common)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **common)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name)
+        setattr(model.config, name, value)
+        if model.generation_config is not None:
+            setattr(model.generation_config, name, value)
+    log.info(
+        "Model %s: %.2fM parameters, dtype %s", path, model.num_parameters() / 1e6, dtype
+    )
+    return model

@@ -1,0 +1,95 @@
+"""Run directories, config freezing, and the resume target of a run.
+
+A run writes to a fresh ``run_dir`` (frozen config, metrics, tracker logs). Resumable state lives
+in a checkpoint dir: with ``resuming.resume=true`` it is ``<outputs_dir>/checkpoints/<hash>``,
+where ``<hash>`` is the hash of the resolved config minus ``resuming.ignore_keys``, so the same
+command resumes and a changed command is refused with the differing keys listed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig
+
+from post_training.utils.checkpointing import latest_checkpoint
+from post_training.utils.config import ConfigError, config_hash, diff_configs, to_container
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where one run writes, and what it resumes from."""
+
+    run_dir: Path
+    checkpoint_dir: Path  # full checkpoints, inference checkpoints and the final model
+    config: dict[str, Any]  # resolved, as frozen in run_dir/config.yaml
+    config_hash: str
+    resume_from: Path | None  # last complete checkpoint, when resuming
+
+
+def dump_yaml(data: dict[str, Any], path: Path) -> None:
+    path.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+
+
+def _check_no_drift(checkpoints_root: Path, this_hash: str, resolved: dict, ignore: list) -> None:
+    """Refuse to start when the same job already holds checkpoints of a different config."""
+    for other in sorted(p for p in checkpoints_root.glob("*") if p.is_dir()):
+        if other.name == this_hash or not (other / CONFIG_FILE).exists():
+            continue
+        previous = yaml.safe_load((other / CONFIG_FILE).read_text())
+        diffs = diff_configs(previous, resolved, ignore)
+        if not diffs:
+            continue
+        lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diffs.items()))
+        raise ConfigError(
+            f"Refusing to resume: job '{checkpoints_root.parent}' already holds checkpoints of a "
+            f"different config in {other}.\nDiffering keys (previous -> now):\n{lines}\n"
+            "Use a new job_subdir, add the keys to resuming.ignore_keys if they are safe to change, "
+            "or set resuming.allow_config_change=true to start a separate run."
+        )
+
+
+def setup_run(cfg: DictConfig, is_main_process: bool = True) -> RunContext:
+    """Resolve the config, create the run dir, freeze the config, and find the resume target."""
+    resolved = to_container(cfg)
+    ignore = list(resolved["resuming"]["ignore_keys"])
+    this_hash = config_hash(resolved, ignore)
+    run_dir = Path(resolved["run_dir"])
+    outputs_dir = Path(resolved["outputs_dir"])
+
+    resume_from = None
+    if resolved["resuming"]["resume"]:
+        explicit = resolved["resuming"]["dir"]
+        checkpoint_dir = Path(explicit) if explicit else outputs_dir / "checkpoints" / this_hash
+        if not resolved["resuming"]["allow_config_change"]:
+            _check_no_drift(checkpoint_dir.parent, checkpoint_dir.name, resolved, ignore)
+        resume_from = latest_checkpoint(checkpoint_dir)
+    else:
+        checkpoint_dir = run_dir / "checkpoints"
+
+    if is_main_process:
+        if (run_dir / CONFIG_FILE).exists():
+            raise ConfigError(f"Run dir {run_dir} already holds a run; refusing to overwrite it.")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(resolved, run_dir / CONFIG_FILE)
+        if not (checkpoint_dir / CONFIG_FILE).exists():
+            dump_yaml(resolved, checkpoint_dir / CONFIG_FILE)
+        (run_dir / "command.json").write_text(
+            json.dumps({"argv": sys.argv, "config_hash": this_hash}, indent=2) + "\n"
+        )
+    log.info("Run dir: %s", run_dir)
+    log.info("Checkpoint dir: %s (config hash %s)", checkpoint_dir, this_hash)
+    if resume_from is not None:
+        log.info("Resuming from %s", resume_from)
+    return RunContext(run_dir, checkpoint_dir, resolved, this_hash, resume_from)

@@ -1,0 +1,87 @@
+"""Shared fixtures: offline Hugging Face, artifacts in a temp dir, helpers to run entrypoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = os.environ.get("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Short, deterministic runs of the tiny model.
+QUICK = (
+    "wandb.mode=disabled",
+    "tensorboard=false",
+    "training_args.num_train_epochs=null",
+    "training_args.per_device_train_batch_size=8",
+    "training_args.logging_steps=1",
+    "training_args.eval_steps=null",
+    "evaluation.at_end=false",
+    "dataset.max_eval_examples=16",
+)
+
+
+def run_entrypoint(
+    module: str,
+    overrides: Sequence[str],
+    artifacts: Path,
+    check: bool = True,
+    timeout: float = 900,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m post_training.<module>`` with artifacts under ``artifacts``."""
+    env = {**os.environ, "POST_TRAINING_ARTIFACTS_DIR": str(artifacts)}
+    proc = subprocess.run(
+        [sys.executable, "-m", f"post_training.{module}", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{module} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+            f"STDERR:\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def start_entrypoint(module: str, overrides: Sequence[str], artifacts: Path) -> subprocess.Popen:
+    env = {**os.environ, "POST_TRAINING_ARTIFACTS_DIR": str(artifacts)}
+    return subprocess.Popen(
+        [sys.executable, "-m", f"post_training.{module}", *overrides],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def job_dir(artifacts: Path, job: str, entrypoint: str = "train_sft", subdir: str = "private") -> Path:
+    return artifacts / subdir / "outputs" / entrypoint / job
+
+
+def run_dirs(artifacts: Path, job: str) -> list[Path]:
+    return sorted((job_dir(artifacts, job) / "runs").iterdir())
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path) -> Path:
+    path = tmp_path / "artifacts"
+    path.mkdir()
+    return path

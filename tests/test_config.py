@@ -1,0 +1,131 @@
+"""Composition of every config-group choice, config errors, hashing and drift detection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from post_training.trainers.base import check_training_length
+from post_training.utils.config import (
+    CONFIGS_DIR,
+    ConfigError,
+    config_hash,
+    diff_configs,
+    to_container,
+)
+from post_training.utils.run import setup_run
+
+from .conftest import run_entrypoint
+
+GROUPS = ("model", "dataset", "trainer", "accelerate", "preset")
+
+
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS_DIR / group).glob("*.yaml"))
+
+
+def compose_cfg(overrides: list[str], name: str = "train-sft"):
+    with initialize_config_module("post_training.configs", version_base=None):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    "group,choice", [(g, c) for g in GROUPS for c in choices(g)], ids=lambda x: str(x)
+)
+def test_every_group_choice_composes_and_resolves(group: str, choice: str, tmp_path: Path) -> None:
+    cfg = compose_cfg([f"{group}={choice}", f"artifacts_dir={tmp_path}"])
+    resolved = to_container(cfg)
+    assert resolved["entrypoint"] == "train_sft"
+    if group == "model":
+        model = resolved["model"]
+        assert model["trust_remote_code"] is False
+        special = model["special_tokens"]
+        assert special["pad_token"] != special["eos_token"], "pad must differ from eos"
+        assert model["torch_dtype"] in {"float32", "bfloat16", "float16"}
+    if group == "accelerate":
+        assert "distributed_type" in resolved["accelerate"]
+
+
+def test_evaluate_config_composes(tmp_path: Path) -> None:
+    cfg = compose_cfg([f"artifacts_dir={tmp_path}", "model_path=/x"], name="evaluate")
+    assert to_container(cfg)["dataset"]["name"] == "tiny-tasks"
+
+
+def test_default_run_dir_layout(tmp_path: Path) -> None:
+    cfg = to_container(compose_cfg([f"artifacts_dir={tmp_path}"]))
+    run_dir = Path(cfg["run_dir"])
+    assert run_dir.parent == tmp_path / "private/outputs/train_sft/dev/runs"
+    debug = to_container(compose_cfg([f"artifacts_dir={tmp_path}", "debug.enabled=true"]))
+    assert Path(debug["run_dir"]).parent == tmp_path / "private/outputs-debug/train_sft/dev/runs"
+
+
+def test_unknown_key_and_choice_fail_with_hydra_errors() -> None:
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["training_args.not_a_key=1"])
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["model=not-a-model"])
+
+
+def test_cfg_job_prints_composed_config(artifacts: Path) -> None:
+    proc = run_entrypoint("train_sft", ["--cfg", "job", "model=qwen3-0.6b"], artifacts)
+    printed = OmegaConf.create(proc.stdout)
+    assert printed.model.name == "qwen3-0.6b"
+    assert printed.training_args.learning_rate > 0
+    assert not any(artifacts.iterdir()), "--cfg job must not create a run"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["training_args.max_steps=10"], "got ['max_steps', 'num_train_epochs']"),
+        (["training_args.num_train_epochs=null"], "got none"),
+        (
+            ["training_args.num_train_epochs=null", "training_args.num_training_tokens=1000"],
+            "needs training_args.packing=true",
+        ),
+    ],
+)
+def test_training_length_must_be_exactly_one(overrides, message, tmp_path: Path) -> None:
+    cfg = compose_cfg([f"artifacts_dir={tmp_path}", *overrides])
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        check_training_length(cfg.training_args)
+
+
+def test_two_training_lengths_refused_before_anything_is_written(artifacts: Path) -> None:
+    proc = run_entrypoint(
+        "train_sft", ["training_args.max_steps=3", "wandb.mode=disabled"], artifacts, check=False
+    )
+    assert proc.returncode != 0
+    assert "Set exactly one of training_args.max_steps" in proc.stderr
+    assert not list(artifacts.rglob("checkpoint-*"))
+    assert not list(artifacts.rglob("config.yaml"))
+
+
+def test_config_hash_ignores_only_ignored_keys() -> None:
+    a = {"x": 1, "resuming": {"resume": True}, "t": {"lr": 1.0, "logging_steps": 5}}
+    b = {"x": 1, "resuming": {"resume": False}, "t": {"lr": 1.0, "logging_steps": 9}}
+    ignore = ["resuming", "t.logging_steps"]
+    assert config_hash(a, ignore) == config_hash(b, ignore)
+    c = {**a, "t": {"lr": 2.0, "logging_steps": 5}}
+    assert config_hash(a, ignore) != config_hash(c, ignore)
+    assert diff_configs(a, c, ignore) == {"t.lr": (1.0, 2.0)}
+
+
+def test_config_drift_is_refused_naming_every_key(tmp_path: Path) -> None:
+    base = [f"artifacts_dir={tmp_path}", "resuming.resume=true"]
+    first = setup_run(compose_cfg(base))
+    assert first.checkpoint_dir.parent == tmp_path / "private/outputs/train_sft/dev/checkpoints"
+    # Ignored keys may change: same resume target.
+    again = setup_run(compose_cfg([*base, "training_args.logging_steps=3"]))
+    assert again.checkpoint_dir == first.checkpoint_dir
+    changed = [*base, "training_args.learning_rate=0.1", "training_args.adam_beta2=0.9"]
+    with pytest.raises(ConfigError) as err:
+        setup_run(compose_cfg(changed))
+    assert "training_args.learning_rate" in str(err.value)
+    assert "training_args.adam_beta2" in str(err.value)
+    allowed = setup_run(compose_cfg([*changed, "resuming.allow_config_change=true"]))
+    assert allowed.checkpoint_dir != first.checkpoint_dir

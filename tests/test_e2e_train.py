@@ -1,0 +1,150 @@
+"""End to end: real training runs of the tiny model in subprocesses (marked e2e)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from post_training.utils.signals import EXIT_CODE_STOPPED
+
+from .conftest import QUICK, job_dir, read_metrics, run_dirs, run_entrypoint, start_entrypoint
+
+pytestmark = pytest.mark.e2e
+
+
+def final_weights(artifacts: Path, job: str) -> dict[str, torch.Tensor]:
+    (model,) = job_dir(artifacts, job).rglob("final-model/model.safetensors")
+    return load_file(model)
+
+
+def wait_for(predicate, proc, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+def test_default_run_learns_and_evaluate_reports_accuracy(artifacts: Path) -> None:
+    """The README's main job: no overrides but where artifacts go and wandb offline."""
+    run_entrypoint("train_sft", ["wandb.mode=offline", "job_subdir=default"], artifacts)
+    (run_dir,) = run_dirs(artifacts, "default")
+    (final,) = job_dir(artifacts, "default").rglob("final-model")
+    trained = json.loads((final / "eval-tiny-tasks.json").read_text())
+    # Untrained baseline: the same init (0 steps), scored by the evaluate entrypoint.
+    run_entrypoint(
+        "train_sft",
+        [*QUICK, "job_subdir=untrained", "training_args.max_steps=0"],
+        artifacts,
+    )
+    (untrained_model,) = job_dir(artifacts, "untrained").rglob("final-model")
+    run_entrypoint("evaluate", [f"model_path={untrained_model}"], artifacts)
+    untrained = json.loads((untrained_model / "eval-tiny-tasks.json").read_text())
+    print("trained", trained["accuracy"], trained["per_task"], "untrained", untrained["accuracy"])
+    assert trained["num_examples"] == untrained["num_examples"] == 400
+    assert trained["accuracy"] >= 0.5
+    assert trained["accuracy"] > untrained["accuracy"] + 0.4
+    # Run dir contents: frozen config, metrics with the documented fields, trackers.
+    assert (run_dir / "config.yaml").is_file()
+    metrics = read_metrics(run_dir)
+    train_events = [m for m in metrics if "loss" in m]
+    for key in ("step", "loss", "learning_rate", "grad_norm", "num_tokens", "tokens_per_second"):
+        assert key in train_events[-1]
+    assert train_events[-1]["loss"] < train_events[0]["loss"]
+    assert any("eval_loss" in m for m in metrics)
+    assert metrics[-1]["eval_accuracy"] == trained["accuracy"]
+    assert list((run_dir / "tensorboard").iterdir())
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja"):
+        assert (final / name).is_file()
+
+
+def test_kill_9_then_resume_gives_identical_final_weights(artifacts: Path) -> None:
+    common = [*QUICK, "training_args.max_steps=24", "training_args.save_steps=4"]
+    run_entrypoint("train_sft", [*common, "job_subdir=straight"], artifacts)
+
+    resumable = [*common, "job_subdir=killed", "resuming.resume=true"]
+    ckpts = job_dir(artifacts, "killed") / "checkpoints"
+    proc = start_entrypoint("train_sft", resumable, artifacts)
+    wait_for(lambda: bool(list(ckpts.glob("*/checkpoint-8"))), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(ckpts.glob("*/final-model")), "killed too late to test resuming"
+
+    second = run_entrypoint("train_sft", resumable, artifacts)
+    assert "Resumed at step" in second.stderr
+    resumed_at = int(second.stderr.split("Resumed at step ")[1].split()[0])
+    assert 8 <= resumed_at < 24
+    assert not list(ckpts.rglob(".tmp-*")), "no half-written checkpoint left behind"
+
+    a, b = final_weights(artifacts, "straight"), final_weights(artifacts, "killed")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_sigusr1_checkpoints_exits_75_and_resume_continues(artifacts: Path) -> None:
+    args = [*QUICK, "training_args.max_steps=400", "training_args.save_steps=1000",
+            "job_subdir=signal", "resuming.resume=true"]
+    proc = start_entrypoint("train_sft", args, artifacts)
+    runs = job_dir(artifacts, "signal") / "runs"
+    wait_for(lambda: any(p.stat().st_size for p in runs.glob("*/metrics.jsonl")), proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == EXIT_CODE_STOPPED
+    (ckpt,) = job_dir(artifacts, "signal").glob("checkpoints/*/checkpoint-*")
+    stopped_at = int(ckpt.name.split("-")[1])
+    assert 0 < stopped_at < 400
+    first_run = run_dirs(artifacts, "signal")[0]
+    assert read_metrics(first_run)[-1]["step"] == stopped_at
+
+    run_entrypoint("train_sft", args, artifacts)
+    second_run = run_dirs(artifacts, "signal")[1]
+    steps = [m["step"] for m in read_metrics(second_run) if "loss" in m]
+    assert steps[0] == stopped_at + 1 and steps[-1] == 400
+    state = json.loads(next(job_dir(artifacts, "signal").rglob("checkpoint-400/trainer_state.json")).read_text())
+    assert state["global_step"] == 400 and state["samples_seen"] == 400 * 8
+
+
+def test_config_drift_refused_on_rerun(artifacts: Path) -> None:
+    args = [*QUICK, "training_args.max_steps=2", "job_subdir=drift", "resuming.resume=true"]
+    run_entrypoint("train_sft", args, artifacts)
+    proc = run_entrypoint(
+        "train_sft", [*args, "training_args.learning_rate=0.1"], artifacts, check=False
+    )
+    assert proc.returncode != 0
+    assert "training_args.learning_rate: 0.003 -> 0.1" in proc.stderr
+    assert len(list(job_dir(artifacts, "drift").glob("checkpoints/*/"))) == 1
+
+
+def test_gradient_accumulation_equals_one_big_batch(artifacts: Path) -> None:
+    """16 examples per step as 1×16, 2×8 (uneven lengths per micro-batch) and 4×4."""
+    base = [*QUICK, "training_args.max_steps=3", "training_args.max_grad_norm=null"]
+    for b, k in ((16, 1), (8, 2), (4, 4)):
+        run_entrypoint(
+            "train_sft",
+            [*base, f"job_subdir=acc{k}", f"training_args.per_device_train_batch_size={b}",
+             f"training_args.gradient_accumulation_steps={k}"],
+            artifacts,
+        )
+    ref = final_weights(artifacts, "acc1")
+    for k in (2, 4):
+        other = final_weights(artifacts, f"acc{k}")
+        for name in ref:
+            torch.testing.assert_close(other[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_debug_run_goes_to_separate_dir(artifacts: Path) -> None:
+    run_entrypoint("train_sft", [*QUICK, "training_args.max_steps=100", "debug.enabled=true"], artifacts)
+    debug_runs = list((artifacts / "private/outputs-debug/train_sft/dev/runs").iterdir())
+    assert len(debug_runs) == 1
+    assert not (artifacts / "private/outputs").exists()
+    assert read_metrics(debug_runs[0])[-1]["step"] == 5
