@@ -72,7 +72,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def job_dir(artifacts: Path, job: str, entrypoint: str = "train_sft", subdir: str = "private") -> Path:
+def job_dir(
+    artifacts: Path, job: str, entrypoint: str = "train_sft", subdir: str = "private"
+) -> Path:
     return artifacts / subdir / "outputs" / entrypoint / job
 
 

@@ -129,3 +129,17 @@ def test_config_drift_is_refused_naming_every_key(tmp_path: Path) -> None:
     assert "training_args.adam_beta2" in str(err.value)
     allowed = setup_run(compose_cfg([*changed, "resuming.allow_config_change=true"]))
     assert allowed.checkpoint_dir != first.checkpoint_dir
+
+
+def test_offline_by_default_unless_explicitly_enabled() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = "import post_training, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)"
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "True", out.stderr
+    env["HF_HUB_OFFLINE"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -36,15 +36,19 @@ def test_multi_turn_masks_cover_each_assistant_turn_and_its_end_token(tokenizer)
         "<|user|>sort 321<|end|><|assistant|>"
     )
     assert all(p + c == 1 for p, c in zip(ex["prompt_mask"], ex["completion_mask"], strict=True))
-    for label, token_id, c in zip(ex["labels"], ex["input_ids"], ex["completion_mask"], strict=True):
+    for label, token_id, c in zip(
+        ex["labels"], ex["input_ids"], ex["completion_mask"], strict=True
+    ):
         assert label == (token_id if c else IGNORE_INDEX)
     # EOS (end of turn) is learned and differs from the padding id.
-    assert tokenizer.eos_token_id in [l for l in ex["labels"] if l != IGNORE_INDEX]
+    assert tokenizer.eos_token_id in [t for t in ex["labels"] if t != IGNORE_INDEX]
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
 
 
 def test_collate_pads_right_and_never_trains_on_padding(tokenizer) -> None:
-    short = tokenize_chat([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], tokenizer)
+    short = tokenize_chat(
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], tokenizer
+    )
     long = tokenize_chat(
         [{"role": "user", "content": "reverse abcdef"}, {"role": "assistant", "content": "fedcba"}],
         tokenizer,
@@ -70,11 +74,19 @@ def test_too_long_examples_are_dropped_and_counted(tokenizer, caplog) -> None:
 @pytest.mark.parametrize(
     "line,message",
     [
-        ('{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}',
-         "data.jsonl:2: field 'messages[1].role' must be one of"),
-        ('{"messages": [{"role": "user", "content": 3}]}', "data.jsonl:2: field 'messages[0].content'"),
+        (
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}',
+            "data.jsonl:2: field 'messages[1].role' must be one of",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": 3}]}',
+            "data.jsonl:2: field 'messages[0].content'",
+        ),
         ('{"text": "hi"}', "data.jsonl:2: missing field 'messages'"),
-        ('{"messages": [{"role": "user", "content": "a"}]}', "data.jsonl:2: field 'messages' has no assistant"),
+        (
+            '{"messages": [{"role": "user", "content": "a"}]}',
+            "data.jsonl:2: field 'messages' has no assistant",
+        ),
         ("{not json", "data.jsonl:2: invalid JSON"),
     ],
 )

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from post_training.utils.signals import EXIT_CODE_STOPPED
 
@@ -27,7 +28,9 @@ def wait_for(predicate, proc, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+            raise AssertionError(
+                f"process ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError("timed out")
@@ -93,8 +96,13 @@ def test_kill_9_then_resume_gives_identical_final_weights(artifacts: Path) -> No
 
 
 def test_sigusr1_checkpoints_exits_75_and_resume_continues(artifacts: Path) -> None:
-    args = [*QUICK, "training_args.max_steps=400", "training_args.save_steps=1000",
-            "job_subdir=signal", "resuming.resume=true"]
+    args = [
+        *QUICK,
+        "training_args.max_steps=400",
+        "training_args.save_steps=1000",
+        "job_subdir=signal",
+        "resuming.resume=true",
+    ]
     proc = start_entrypoint("train_sft", args, artifacts)
     runs = job_dir(artifacts, "signal") / "runs"
     wait_for(lambda: any(p.stat().st_size for p in runs.glob("*/metrics.jsonl")), proc)
@@ -110,7 +118,9 @@ def test_sigusr1_checkpoints_exits_75_and_resume_continues(artifacts: Path) -> N
     second_run = run_dirs(artifacts, "signal")[1]
     steps = [m["step"] for m in read_metrics(second_run) if "loss" in m]
     assert steps[0] == stopped_at + 1 and steps[-1] == 400
-    state = json.loads(next(job_dir(artifacts, "signal").rglob("checkpoint-400/trainer_state.json")).read_text())
+    state = json.loads(
+        next(job_dir(artifacts, "signal").rglob("checkpoint-400/trainer_state.json")).read_text()
+    )
     assert state["global_step"] == 400 and state["samples_seen"] == 400 * 8
 
 
@@ -131,8 +141,12 @@ def test_gradient_accumulation_equals_one_big_batch(artifacts: Path) -> None:
     for b, k in ((16, 1), (8, 2), (4, 4)):
         run_entrypoint(
             "train_sft",
-            [*base, f"job_subdir=acc{k}", f"training_args.per_device_train_batch_size={b}",
-             f"training_args.gradient_accumulation_steps={k}"],
+            [
+                *base,
+                f"job_subdir=acc{k}",
+                f"training_args.per_device_train_batch_size={b}",
+                f"training_args.gradient_accumulation_steps={k}",
+            ],
             artifacts,
         )
     ref = final_weights(artifacts, "acc1")
@@ -142,9 +156,27 @@ def test_gradient_accumulation_equals_one_big_batch(artifacts: Path) -> None:
             torch.testing.assert_close(other[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_debug_run_goes_to_separate_dir(artifacts: Path) -> None:
-    run_entrypoint("train_sft", [*QUICK, "training_args.max_steps=100", "debug.enabled=true"], artifacts)
+def test_debug_run_goes_to_separate_dir_with_inference_checkpoints(artifacts: Path) -> None:
+    run_entrypoint(
+        "train_sft",
+        [
+            *QUICK,
+            "training_args.max_steps=100",
+            "debug.enabled=true",
+            "training_args.inference_checkpoint_steps=2",
+        ],
+        artifacts,
+    )
     debug_runs = list((artifacts / "private/outputs-debug/train_sft/dev/runs").iterdir())
     assert len(debug_runs) == 1
     assert not (artifacts / "private/outputs").exists()
     assert read_metrics(debug_runs[0])[-1]["step"] == 5
+    ckpts = debug_runs[0] / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("inference-checkpoint-*")) == [
+        "inference-checkpoint-2",
+        "inference-checkpoint-4",
+    ]
+    model = AutoModelForCausalLM.from_pretrained(ckpts / "inference-checkpoint-4")
+    tokenizer = AutoTokenizer.from_pretrained(ckpts / "inference-checkpoint-4")
+    assert tokenizer.chat_template and model.config.eos_token_id == tokenizer.eos_token_id
+    assert not list((ckpts / "inference-checkpoint-4").glob("optimizer*")), "lightweight only"

@@ -32,7 +32,11 @@ def _expected(row: dict[str, Any], dataset_cfg: dict[str, Any]) -> str:
     field = dataset_cfg.get("answer_field")
     if field and field in row:
         return str(row[field])
-    return next(m["content"] for m in reversed(row[dataset_cfg["messages_field"]]) if m["role"] == "assistant")
+    return next(
+        m["content"]
+        for m in reversed(row[dataset_cfg["messages_field"]])
+        if m["role"] == "assistant"
+    )
 
 
 def _prompt(row: dict[str, Any], dataset_cfg: dict[str, Any]) -> list[dict[str, str]]:
@@ -114,28 +118,45 @@ def write_result(result: dict[str, Any], path: Path) -> None:
     )
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    resolved = to_container(cfg)
-    model_path = Path(resolved["model_path"])
+def evaluate_checkpoint(
+    model_path: Path,
+    dataset_cfg: dict[str, Any],
+    max_examples: int | None = None,
+    max_new_tokens: int = 16,
+    batch_size: int = 200,
+    dtype: str = "float32",
+    output_file: Path | None = None,
+) -> dict[str, Any]:
+    """Load a saved checkpoint, score it on the eval split, write the JSON next to it."""
+    model_path = Path(model_path)
     if not (model_path / "config.json").is_file():
         raise ConfigError(f"model_path {model_path}: no config.json (not a model checkpoint)")
-    dataset_cfg = resolved["dataset"]
     rows = read_split(dataset_cfg, "eval")
-    if resolved.get("max_examples"):
-        rows = rows[: int(resolved["max_examples"])]
+    if max_examples:
+        rows = rows[: int(max_examples)]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch_dtype(resolved["torch_dtype"]), use_safetensors=True
+        model_path, dtype=torch_dtype(dtype), use_safetensors=True
     )
     if torch.cuda.is_available():
         model = model.cuda()
-    result = generation_accuracy(
-        model, tokenizer, rows, dataset_cfg, resolved["max_new_tokens"], resolved["batch_size"]
-    )
+    result = generation_accuracy(model, tokenizer, rows, dataset_cfg, max_new_tokens, batch_size)
     result.update(model_path=str(model_path), dataset=dataset_cfg["name"])
-    out = resolved.get("output_file") or default_output_file(model_path, dataset_cfg["name"])
-    write_result(result, Path(out))
+    write_result(result, output_file or default_output_file(model_path, dataset_cfg["name"]))
     return result
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    resolved = to_container(cfg)
+    return evaluate_checkpoint(
+        Path(resolved["model_path"]),
+        resolved["dataset"],
+        resolved["max_examples"],
+        resolved["max_new_tokens"],
+        resolved["batch_size"],
+        resolved["torch_dtype"],
+        Path(resolved["output_file"]) if resolved["output_file"] else None,
+    )
 
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base=None)

@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from post_training.data_sft.load import load_sft_data
-from post_training.evaluate import default_output_file, generation_accuracy, write_result
+from post_training.evaluate import evaluate_checkpoint
 from post_training.trainers import TRAINERS
 from post_training.trainers.base import check_training_length
 from post_training.utils.config import ConfigError, register_resolvers
@@ -72,18 +72,17 @@ def run(cfg: DictConfig) -> int:
         outcome = trainer.train()
         if outcome.stopped_by_signal:
             return EXIT_CODE_STOPPED
+        del trainer, model  # evaluation scores the saved final model, as `evaluate` would
+        accelerator.free_memory()
         if cfg.evaluation.at_end and data.eval_rows and accelerator.is_main_process:
-            rows = data.eval_rows[: cfg.evaluation.max_examples or None]
-            result = generation_accuracy(
-                accelerator.unwrap_model(trainer.model),
-                tokenizer,
-                rows,
+            result = evaluate_checkpoint(
+                outcome.final_model_dir,
                 run_ctx.config["dataset"],
+                cfg.evaluation.max_examples,
                 int(cfg.evaluation.max_new_tokens),
                 int(cfg.evaluation.batch_size),
+                cfg.model.torch_dtype,
             )
-            result.update(model_path=str(outcome.final_model_dir), dataset=cfg.dataset.name)
-            write_result(result, default_output_file(outcome.final_model_dir, cfg.dataset.name))
             metrics.log(
                 {"eval_accuracy": result["accuracy"]}
                 | {f"eval_accuracy/{k}": v for k, v in result["per_task"].items()},

@@ -11,7 +11,9 @@ from post_training.data_sft.tokenize import IGNORE_INDEX
 PAD_VALUES = {"input_ids": None, "labels": IGNORE_INDEX, "prompt_mask": 0, "completion_mask": 0}
 
 
-def pad_collate(examples: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def pad_collate(
+    examples: Sequence[dict[str, list[int]]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
     """Pad to the longest example; adds ``attention_mask``."""
     length = max(len(e["input_ids"]) for e in examples)
     batch: dict[str, torch.Tensor] = {}

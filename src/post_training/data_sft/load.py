@@ -20,7 +20,7 @@ class SFTData:
 
 
 def read_split(dataset_cfg: dict[str, Any], split: str) -> list[dict[str, Any]]:
-    """Raw rows of ``train`` or ``eval`` (validated; optionally truncated by max_<split>_examples)."""
+    """Validated rows of ``train`` or ``eval``, truncated to ``max_<split>_examples`` if set."""
     rows = read_jsonl_messages(dataset_cfg[f"{split}_path"], dataset_cfg["messages_field"])
     limit = dataset_cfg.get(f"max_{split}_examples")
     return rows[:limit] if limit else rows
@@ -35,7 +35,9 @@ def load_sft_data(
     return SFTData(
         train_rows=train_rows,
         eval_rows=eval_rows,
-        train=tokenize_rows(train_rows, tokenizer, max_seq_length, field, dataset_cfg["train_path"]),
+        train=tokenize_rows(
+            train_rows, tokenizer, max_seq_length, field, dataset_cfg["train_path"]
+        ),
         eval=(
             tokenize_rows(eval_rows, tokenizer, max_seq_length, field, dataset_cfg["eval_path"])
             if eval_rows

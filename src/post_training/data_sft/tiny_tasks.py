@@ -243,7 +243,10 @@ def read_jsonl(path: Path) -> list[Example]:
 
 
 def write_splits(
-    output_dir: Path = DEFAULT_OUTPUT_DIR, seed: int = 0, n_train: int = N_TRAIN, n_eval: int = N_EVAL
+    output_dir: Path = DEFAULT_OUTPUT_DIR,
+    seed: int = 0,
+    n_train: int = N_TRAIN,
+    n_eval: int = N_EVAL,
 ) -> dict[str, Path]:
     """Generates the splits and writes ``train.jsonl`` and ``eval.jsonl`` into ``output_dir``."""
     output_dir = Path(output_dir)

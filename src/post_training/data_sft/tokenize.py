@@ -22,17 +22,17 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation
-    )
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation: bool
+) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def tokenize_chat(
     messages: Sequence[dict[str, str]], tokenizer: PreTrainedTokenizerBase, where: str = "example"
 ) -> dict[str, list[int]]:
-    """``input_ids``, ``labels`` (-100 off the completions), ``prompt_mask``, ``completion_mask``."""
+    """``input_ids``, ``labels`` (-100 off completions), ``prompt_mask``, ``completion_mask``."""
     messages = list(messages)
     input_ids = _encode(tokenizer, messages, generation=False)
     completion = [0] * len(input_ids)

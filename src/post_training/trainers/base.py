@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from post_training.data_sft.collate import pad_collate
+from post_training.data_sft.sampling import epoch_batches
 from post_training.utils import checkpointing as ckpt
 from post_training.utils.config import ConfigError
 from post_training.utils.run import RunContext
@@ -99,6 +100,7 @@ class Trainer(ABC):
         self.run = run
         self.metrics = metrics
         self.state = TrainState()
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
 
         self.micro_batch = int(self.args["per_device_train_batch_size"])
         self.accumulation = int(self.args["gradient_accumulation_steps"])
@@ -114,6 +116,7 @@ class Trainer(ABC):
 
         if self.args["gradient_checkpointing"]:
             model.gradient_checkpointing_enable()
+        self._configure_deepspeed()
         optimizer = self._make_optimizer(model)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.scheduler = self._make_scheduler(self.optimizer)
@@ -142,6 +145,22 @@ class Trainer(ABC):
         if key == "num_train_epochs":
             return math.ceil(float(value) * self.steps_per_epoch)
         return math.ceil(int(value) / self.global_batch)  # num_training_samples
+
+    def _configure_deepspeed(self) -> None:
+        """Fill the DeepSpeed values that accelerate would otherwise take from a dataloader.
+
+        We never hand dataloaders to ``accelerate.prepare`` (the data order is ours), so the
+        micro-batch size must be set explicitly; clipping must follow ``max_grad_norm`` rather
+        than accelerate's default of 1.0.
+        """
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None:
+            return
+        ds = plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = self.micro_batch
+        ds["gradient_accumulation_steps"] = self.accumulation
+        ds["train_batch_size"] = self.global_batch
+        ds["gradient_clipping"] = float(self.args.get("max_grad_norm") or 0.0)
 
     def _make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         decay, no_decay = [], []
@@ -173,13 +192,24 @@ class Trainer(ABC):
         )
 
     # ------------------------------------------------------------------------------ data order
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The global batches of one epoch (cached: one epoch is in use at a time)."""
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            lengths = [len(e["input_ids"]) for e in self.train_data]
+            batches = epoch_batches(
+                lengths,
+                self.global_batch,
+                int(self.cfg["seed"]),
+                epoch,
+                bool(self.args.get("group_by_length")),
+            )
+            self._epoch_cache = (epoch, batches)
+        return self._epoch_cache[1]
+
     def global_batch_indices(self, step: int) -> list[int]:
         """Example indices of the global batch used at optimizer step ``step`` (0-based)."""
         epoch, offset = divmod(step, self.steps_per_epoch)
-        generator = torch.Generator().manual_seed(int(self.cfg["seed"]) + epoch)
-        order = torch.randperm(len(self.train_data), generator=generator)
-        start = offset * self.global_batch
-        return order[start : start + self.global_batch].tolist()
+        return self.epoch_batches(epoch)[offset]
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of step ``step``: micro-batch m of rank r is slot m·W + r."""
@@ -283,6 +313,8 @@ class Trainer(ABC):
         grad_norm = accelerator.clip_grad_norm_(
             self.model.parameters(), float(max_norm) if max_norm else float("inf")
         )
+        if grad_norm is None:  # DeepSpeed clips inside its engine and reports the norm there
+            grad_norm = float("nan")
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()

@@ -22,7 +22,7 @@ ARTIFACTS_ENV_VAR = "POST_TRAINING_ARTIFACTS_DIR"
 
 
 def default_artifacts_dir() -> str:
-    """``$POST_TRAINING_ARTIFACTS_DIR``, else the repo's ``artifacts/`` (source checkout), else ./artifacts."""
+    """``$POST_TRAINING_ARTIFACTS_DIR``, else ``<repo>/artifacts``, else ``./artifacts``."""
     if os.environ.get(ARTIFACTS_ENV_VAR):
         return str(Path(os.environ[ARTIFACTS_ENV_VAR]).resolve())
     repo_artifacts = PACKAGE_DIR.parents[1] / "artifacts"

@@ -1,4 +1,4 @@
-"""Load the tokenizer and causal LM named by a ``model/*.yaml`` config (offline, safetensors only)."""
+"""Load the tokenizer and causal LM of a ``model/*.yaml`` config (offline, safetensors only)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ def _apply_special_tokens(tokenizer: PreTrainedTokenizerBase, special: dict[str,
         if token_id is None or (
             token_id == tokenizer.unk_token_id and token != tokenizer.unk_token
         ):
-            raise ConfigError(f"model.special_tokens.{role}_token {token!r} is not in the vocabulary")
+            raise ConfigError(
+                f"model.special_tokens.{role}_token {token!r} is not in the vocabulary"
+            )
         if expected_id is not None and token_id != expected_id:
             raise ConfigError(
                 f"model.special_tokens.{role}_token_id is {expected_id} but the tokenizer maps "
@@ -98,7 +100,5 @@ def load_model(model_cfg: dict[str, Any], tokenizer: PreTrainedTokenizerBase) ->
         setattr(model.config, name, value)
         if model.generation_config is not None:
             setattr(model.generation_config, name, value)
-    log.info(
-        "Model %s: %.2fM parameters, dtype %s", path, model.num_parameters() / 1e6, dtype
-    )
+    log.info("Model %s: %.2fM parameters, dtype %s", path, model.num_parameters() / 1e6, dtype)
     return model

@@ -50,12 +50,14 @@ def _check_no_drift(checkpoints_root: Path, this_hash: str, resolved: dict, igno
         diffs = diff_configs(previous, resolved, ignore)
         if not diffs:
             continue
-        lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diffs.items()))
+        lines = "\n".join(
+            f"  {k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diffs.items())
+        )
         raise ConfigError(
             f"Refusing to resume: job '{checkpoints_root.parent}' already holds checkpoints of a "
             f"different config in {other}.\nDiffering keys (previous -> now):\n{lines}\n"
-            "Use a new job_subdir, add the keys to resuming.ignore_keys if they are safe to change, "
-            "or set resuming.allow_config_change=true to start a separate run."
+            "Use a new job_subdir, add the keys to resuming.ignore_keys if they are safe to "
+            "change, or set resuming.allow_config_change=true to start a separate run."
         )
 
 
