@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from post_training.utils.signals import EXIT_CODE_STOPPED
 
-from .conftest import QUICK, job_dir, read_metrics, run_dirs, run_entrypoint, start_entrypoint
+from .conftest import QUICK, REPO, job_dir, read_metrics, run_dirs, run_entrypoint, start_entrypoint
 
 pytestmark = pytest.mark.e2e
 
@@ -131,7 +134,7 @@ def test_config_drift_refused_on_rerun(artifacts: Path) -> None:
         "train_sft", [*args, "training_args.learning_rate=0.1"], artifacts, check=False
     )
     assert proc.returncode != 0
-    assert "training_args.learning_rate: 0.003 -> 0.1" in proc.stderr
+    assert "training_args.learning_rate: 0.002 -> 0.1" in proc.stderr
     assert len(list(job_dir(artifacts, "drift").glob("checkpoints/*/"))) == 1
 
 
@@ -180,3 +183,30 @@ def test_debug_run_goes_to_separate_dir_with_inference_checkpoints(artifacts: Pa
     tokenizer = AutoTokenizer.from_pretrained(ckpts / "inference-checkpoint-4")
     assert tokenizer.chat_template and model.config.eos_token_id == tokenizer.eos_token_id
     assert not list((ckpts / "inference-checkpoint-4").glob("optimizer*")), "lightweight only"
+
+
+def test_two_processes_equal_one_process_with_twice_the_batch(artifacts: Path) -> None:
+    """`accelerate launch --num_processes 2` on CPU (gloo) = one process with twice the batch."""
+    base = [*QUICK, "training_args.max_steps=3", "training_args.max_grad_norm=null"]
+    run_entrypoint(
+        "train_sft",
+        [*base, "job_subdir=one", "training_args.per_device_train_batch_size=16"],
+        artifacts,
+    )
+    env = {**os.environ, "POST_TRAINING_ARTIFACTS_DIR": str(artifacts), "OMP_NUM_THREADS": "1"}
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", "29517", "-m", "post_training.train_sft",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [*launch, *base, "job_subdir=two", "training_args.per_device_train_batch_size=8"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    (run_dir,) = run_dirs(artifacts, "two")
+    assert (run_dir / "rank-1").is_dir(), "rank 1's Hydra dir is folded into the shared run dir"
+    assert read_metrics(run_dir)[0]["num_samples"] == 16
+    ref, two = final_weights(artifacts, "one"), final_weights(artifacts, "two")
+    for name in ref:
+        torch.testing.assert_close(two[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)

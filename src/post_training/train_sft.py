@@ -52,7 +52,7 @@ def run(cfg: DictConfig) -> int:
         mixed_precision=cfg.training_args.mixed_precision,
     )
     set_seed(int(cfg.seed))
-    run_ctx = setup_run(cfg, accelerator.is_main_process)
+    run_ctx = setup_run(cfg, accelerator)
 
     tokenizer = load_tokenizer(run_ctx.config["model"])
     data = load_sft_data(run_ctx.config["dataset"], tokenizer, int(cfg.model.max_seq_length))

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig
 
 from post_training.utils.checkpointing import latest_checkpoint
@@ -61,9 +64,26 @@ def _check_no_drift(checkpoints_root: Path, this_hash: str, resolved: dict, igno
         )
 
 
-def setup_run(cfg: DictConfig, is_main_process: bool = True) -> RunContext:
-    """Resolve the config, create the run dir, freeze the config, and find the resume target."""
+def _hydra_output_dir() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+def setup_run(cfg: DictConfig, accelerator: Accelerator | None = None) -> RunContext:
+    """Resolve the config, create the run dir, freeze the config, and find the resume target.
+
+    With several processes, every rank resolves its own timestamp; the main process's run dir
+    is broadcast so that all ranks write (checkpoints, RNG states) to the same place, and the
+    directory Hydra made for another rank moves into it as ``rank-<r>/`` (its log and .hydra).
+    """
     resolved = to_container(cfg)
+    is_main_process = accelerator is None or accelerator.is_main_process
+    if accelerator is not None and accelerator.num_processes > 1:
+        shared = [resolved["run_dir"]]
+        broadcast_object_list(shared, from_process=0)
+        own_dir = Path(resolved["run_dir"])
+        resolved["run_dir"] = shared[0]
     ignore = list(resolved["resuming"]["ignore_keys"])
     this_hash = config_hash(resolved, ignore)
     run_dir = Path(resolved["run_dir"])
@@ -90,6 +110,11 @@ def setup_run(cfg: DictConfig, is_main_process: bool = True) -> RunContext:
         (run_dir / "command.json").write_text(
             json.dumps({"argv": sys.argv, "config_hash": this_hash}, indent=2) + "\n"
         )
+    if accelerator is not None and accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        hydra_dir = _hydra_output_dir() or own_dir
+        if not is_main_process and hydra_dir.exists() and hydra_dir != run_dir:
+            os.replace(hydra_dir, run_dir / f"rank-{accelerator.process_index}")
     log.info("Run dir: %s", run_dir)
     log.info("Checkpoint dir: %s (config hash %s)", checkpoint_dir, this_hash)
     if resume_from is not None:
