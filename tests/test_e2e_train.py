@@ -87,8 +87,9 @@ def test_kill_9_then_resume_gives_identical_final_weights(artifacts: Path) -> No
     assert not list(ckpts.glob("*/final-model")), "killed too late to test resuming"
 
     second = run_entrypoint("train_sft", resumable, artifacts)
-    assert "Resumed at step" in second.stderr
-    resumed_at = int(second.stderr.split("Resumed at step ")[1].split()[0])
+    output = second.stdout + second.stderr
+    assert "Resumed at step" in output
+    resumed_at = int(output.split("Resumed at step ")[1].split()[0])
     assert 8 <= resumed_at < 24
     assert not list(ckpts.rglob(".tmp-*")), "no half-written checkpoint left behind"
 

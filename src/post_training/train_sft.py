@@ -13,6 +13,7 @@ import logging
 import sys
 
 import hydra
+import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
@@ -48,6 +49,7 @@ def run(cfg: DictConfig) -> int:
     if cfg.trainer.name not in TRAINERS:
         raise ConfigError(f"trainer.name {cfg.trainer.name!r}: known trainers {sorted(TRAINERS)}")
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # several CPU processes (gloo) under torchrun
         gradient_accumulation_steps=int(cfg.training_args.gradient_accumulation_steps),
         mixed_precision=cfg.training_args.mixed_precision,
     )

@@ -355,19 +355,27 @@ class Trainer(ABC):
 
     @torch.no_grad()
     def evaluate_loss(self) -> dict[str, float]:
-        """Mean loss over the eval split (same normalisation as training)."""
+        """Mean loss over the eval split (same normalisation as training).
+
+        Rank r takes examples r, r+W, ...; every rank runs the same number of forwards (a rank
+        whose share is exhausted scores a stand-in batch with weight 0), since DDP, FSDP and
+        ZeRO-3 forwards are collective.
+        """
         self.model.eval()
         size = int(self.args["per_device_eval_batch_size"])
-        chunks = range(0, len(self.eval_data), size)
+        mine = self.eval_data[self.accelerator.process_index :: self.world]
+        num_batches = math.ceil(math.ceil(len(self.eval_data) / self.world) / size)
         nll = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
         count = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
-        for start in list(chunks)[self.accelerator.process_index :: self.world]:
-            batch = pad_collate(self.eval_data[start : start + size], self.tokenizer.pad_token_id)
+        for i in range(num_batches):
+            examples = mine[i * size : (i + 1) * size]
+            weight = 1.0 if examples else 0.0
+            batch = pad_collate(examples or self.eval_data[:1], self.tokenizer.pad_token_id)
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
             n = self.count_loss_tokens(batch).double()
             _, metrics = self.compute_loss(self.model, batch, n.float().clamp(min=1.0))
-            nll += metrics["nll_sum"].double()
-            count += n
+            nll += weight * metrics["nll_sum"].double()
+            count += weight * n
         totals = self._sum_over_ranks(torch.stack([nll, count]))
         self.model.train()
         return {"eval_loss": float(totals[0] / totals[1].clamp(min=1.0))}
