@@ -1,6 +1,16 @@
 """Loss functions: pure, tensors in, ``(loss, metrics)`` out; no Trainer, no I/O."""
 
-from post_training.losses.logprobs import next_token_logps, shift_labels
+from post_training.losses.irl import irl_loss
+from post_training.losses.logprobs import next_token_logps, next_token_logps_and_lse, shift_labels
+from post_training.losses.plw import ln_plw_loss, plw_loss
 from post_training.losses.sft import sft_loss
 
-__all__ = ["next_token_logps", "sft_loss", "shift_labels"]
+__all__ = [
+    "irl_loss",
+    "ln_plw_loss",
+    "next_token_logps",
+    "next_token_logps_and_lse",
+    "plw_loss",
+    "sft_loss",
+    "shift_labels",
+]

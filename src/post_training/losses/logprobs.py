@@ -18,11 +18,20 @@ def next_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
     ``logits``: [B, T, V]; ``labels``: [B, T] with -100 on ignored tokens. Returns [B, T] fp32.
     """
+    return next_token_logps_and_lse(logits, labels)[0]
+
+
+def next_token_logps_and_lse(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Aligned ``(logps, lse, correct)``: target log-prob (0 where ignored), logsumexp of the
+    logits (the soft value V used by IRL), and whether the argmax is the target (0/1, fp32)."""
     targets = shift_labels(labels, IGNORE_INDEX)
-    nll = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
-    return -nll.view_as(targets)
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    valid = targets != IGNORE_INDEX
+    safe = targets.clamp(min=0)
+    target_logit = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logps = torch.where(valid, target_logit - lse, torch.zeros_like(lse))
+    correct = ((logits.argmax(-1) == safe) & valid).float()
+    return logps, lse, correct

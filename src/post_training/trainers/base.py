@@ -124,17 +124,29 @@ class Trainer(ABC):
 
     # ----------------------------------------------------------------------------- subclass API
     @abstractmethod
-    def compute_loss(
-        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], num_loss_tokens: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of one micro-batch, already divided by the window's ``num_loss_tokens``.
+    def loss_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This micro-batch's share of the loss normalisers (token / sequence counts).
 
-        Metrics must include ``nll_sum`` (summed over the micro-batch) for logging.
+        The loop sums them over the accumulation window and all ranks before any forward, and
+        hands the totals to :meth:`compute_loss`.
         """
 
     @abstractmethod
-    def count_loss_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Number of tokens that the loss of this micro-batch averages over."""
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        counts: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro-batch, normalised by the window totals ``counts``.
+
+        Returns the loss and metric *sums* over the micro-batch (summed further over the window
+        and ranks, then turned into logged values by :meth:`summarize`).
+        """
+
+    def summarize(self, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+        """Logged metrics from summed metrics and counts (default: none beyond the loss)."""
+        return {}
 
     # ------------------------------------------------------------------------------ set-up
     def _total_steps(self) -> int:
@@ -252,7 +264,7 @@ class Trainer(ABC):
             self.steps_per_epoch,
         )
         self.model.train()
-        window = {"nll": 0.0, "loss_tokens": 0.0, "tokens": 0.0, "start": time.perf_counter()}
+        window = self._new_window()
         last_saved: Path | None = None
         stopped = False
         while state.global_step < state.total_steps:
@@ -292,23 +304,44 @@ class Trainer(ABC):
             print(f"Final model: {final}", flush=True)
         return TrainOutcome(state, False, final, last_saved)
 
-    def _optimizer_step(self, window: dict[str, float]) -> tuple[float, float]:
+    def _sum_dict_over_ranks(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        if not values:
+            return {}
+        keys = sorted(values)
+        totals = self._sum_over_ranks(torch.stack([values[k].double().reshape(()) for k in keys]))
+        return dict(zip(keys, totals.tolist(), strict=True))
+
+    def _window_counts(
+        self, batches: list[dict[str, torch.Tensor]], weights: list[float] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Normalisers summed over the micro-batches (times their weight) and all ranks."""
+        local: dict[str, torch.Tensor] = {}
+        for batch, weight in zip(batches, weights or [1.0] * len(batches), strict=True):
+            for key, value in self.loss_counts(batch).items():
+                local[key] = local.get(key, 0) + weight * value.double()
+        counts = self._sum_dict_over_ranks(local)
+        return {k: torch.tensor(v, device=self.accelerator.device) for k, v in counts.items()}
+
+    def _optimizer_step(self, window: dict[str, Any]) -> tuple[float, float]:
         """One optimizer step over this rank's micro-batches; updates the logging window."""
         accelerator, state = self.accelerator, self.state
         batches = self.micro_batches(state.global_step)
-        local = torch.stack([self.count_loss_tokens(b).double() for b in batches]).sum()
-        num_loss_tokens = self._sum_over_ranks(local).clamp(min=1.0)
-        # DDP averages gradients over ranks: scale by W so the result is Σ/num_loss_tokens.
+        counts = self._window_counts(batches)
+        # DDP averages gradients over ranks: scale by W so the result is the window's loss.
         scale = float(self.world)
-        nll = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        sums: dict[str, torch.Tensor] = {
+            "loss": torch.zeros((), dtype=torch.float64, device=accelerator.device),
+            "tokens": torch.zeros((), dtype=torch.float64, device=accelerator.device),
+        }
         for batch in batches:
             with accelerator.accumulate(self.model):
-                loss, metrics = self.compute_loss(self.model, batch, num_loss_tokens.float())
+                loss, metrics = self.compute_loss(self.model, batch, counts)
                 # accelerate divides by the accumulation steps; our loss is already normalised.
                 accelerator.backward(loss * scale * self.accumulation)
-            nll += metrics["nll_sum"].double()
-            tokens += batch["attention_mask"].sum()
+            sums["loss"] += loss.detach().double()
+            sums["tokens"] += batch["attention_mask"].sum()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0) + value.detach().double()
         max_norm = self.args.get("max_grad_norm")
         grad_norm = accelerator.clip_grad_norm_(
             self.model.parameters(), float(max_norm) if max_norm else float("inf")
@@ -320,13 +353,15 @@ class Trainer(ABC):
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-        totals = self._sum_over_ranks(torch.stack([nll, tokens]))
-        state.tokens_seen += int(totals[1].item())
-        state.loss_tokens_seen += int(num_loss_tokens.item())
+        totals = self._sum_dict_over_ranks(sums)
+        state.tokens_seen += int(totals["tokens"])
         state.samples_seen += self.global_batch
-        window["nll"] += float(totals[0].item())
-        window["loss_tokens"] += float(num_loss_tokens.item())
-        window["tokens"] += float(totals[1].item())
+        window["steps"] += 1
+        window["tokens"] += totals.pop("tokens")
+        for key, value in totals.items():
+            window["sums"][key] = window["sums"].get(key, 0.0) + value
+        for key, value in counts.items():
+            window["counts"][key] = window["counts"].get(key, 0.0) + float(value)
         return float(grad_norm), float(lr)
 
     def _stop_requested(self, stopper: GracefulStop) -> bool:
@@ -335,50 +370,63 @@ class Trainer(ABC):
             flag = self.accelerator.reduce(flag, "max")
         return bool(flag.item())
 
-    def _log_train(self, window: dict[str, float], grad_norm: float, lr: float) -> None:
+    @staticmethod
+    def _new_window() -> dict[str, Any]:
+        return {"steps": 0, "tokens": 0.0, "sums": {}, "counts": {}, "start": time.perf_counter()}
+
+    def _log_train(self, window: dict[str, Any], grad_norm: float, lr: float) -> None:
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
         step = self.state.global_step
-        self.metrics.log(
-            {
-                "loss": window["nll"] / max(window["loss_tokens"], 1.0),
-                "learning_rate": lr,
-                "grad_norm": grad_norm,
-                "epoch": step / self.steps_per_epoch,
-                "num_tokens": self.state.tokens_seen,
-                "num_loss_tokens": self.state.loss_tokens_seen,
-                "num_samples": self.state.samples_seen,
-                "tokens_per_second": window["tokens"] / elapsed,
-            },
-            step,
-        )
-        window.update(nll=0.0, loss_tokens=0.0, tokens=0.0, start=time.perf_counter())
+        sums, counts = window["sums"], window["counts"]
+        metrics = {
+            "loss": sums["loss"] / max(window["steps"], 1),
+            **self.summarize(sums, counts),
+            "learning_rate": lr,
+            "grad_norm": grad_norm,
+            "epoch": step / self.steps_per_epoch,
+            "num_tokens": self.state.tokens_seen,
+            "num_samples": self.state.samples_seen,
+            "tokens_per_second": window["tokens"] / elapsed,
+        }
+        if torch.cuda.is_available():
+            metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.metrics.log(metrics, step)
+        window.update(self._new_window())
 
-    @torch.no_grad()
-    def evaluate_loss(self) -> dict[str, float]:
-        """Mean loss over the eval split (same normalisation as training).
-
-        Rank r takes examples r, r+W, ...; every rank runs the same number of forwards (a rank
-        whose share is exhausted scores a stand-in batch with weight 0), since DDP, FSDP and
-        ZeRO-3 forwards are collective.
-        """
-        self.model.eval()
+    def _eval_batches(self) -> list[tuple[dict[str, torch.Tensor], bool]]:
+        """This rank's eval batches: examples r, r+W, ...; every rank gets the same number of
+        batches (an exhausted rank scores a stand-in batch flagged False), since DDP, FSDP and
+        ZeRO-3 forwards are collective."""
         size = int(self.args["per_device_eval_batch_size"])
         mine = self.eval_data[self.accelerator.process_index :: self.world]
         num_batches = math.ceil(math.ceil(len(self.eval_data) / self.world) / size)
-        nll = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
-        count = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
+        batches = []
         for i in range(num_batches):
             examples = mine[i * size : (i + 1) * size]
-            weight = 1.0 if examples else 0.0
             batch = pad_collate(examples or self.eval_data[:1], self.tokenizer.pad_token_id)
-            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            n = self.count_loss_tokens(batch).double()
-            _, metrics = self.compute_loss(self.model, batch, n.float().clamp(min=1.0))
-            nll += weight * metrics["nll_sum"].double()
-            count += weight * n
-        totals = self._sum_over_ranks(torch.stack([nll, count]))
+            batches.append(
+                ({k: v.to(self.accelerator.device) for k, v in batch.items()}, bool(examples))
+            )
+        return batches
+
+    @torch.no_grad()
+    def evaluate_loss(self) -> dict[str, float]:
+        """Loss over the whole eval split as one batch (same normalisation as training)."""
+        self.model.eval()
+        batches = self._eval_batches()
+        counts = self._window_counts([b for b, _ in batches], [float(r) for _, r in batches])
+        sums: dict[str, torch.Tensor] = {}
+        for batch, real in batches:
+            loss, metrics = self.compute_loss(self.model, batch, counts)
+            for key, value in {"loss": loss, **metrics}.items():
+                sums[key] = sums.get(key, 0) + float(real) * value.detach().double()
+        totals = self._sum_dict_over_ranks(sums)
         self.model.train()
-        return {"eval_loss": float(totals[0] / totals[1].clamp(min=1.0))}
+        floats = {k: float(v) for k, v in counts.items()}
+        return {
+            f"eval_{k}": v
+            for k, v in {"loss": totals["loss"], **self.summarize(totals, floats)}.items()
+        }
 
     # ------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:

@@ -1,21 +1,137 @@
-"""Plain SFT trainer: feeds batches to :func:`post_training.losses.sft_loss`."""
+"""SFT-family trainers: feed next-token log-probs and masks to a loss in ``post_training.losses``.
+
+``trainer=sft`` (completion NLL), ``trainer=plw`` (prompt-loss weighting), ``trainer=ln-plw``
+(length-normalised PLW), ``trainer=irl`` (TD-regularised MLE). They share the forward pass and
+the counts that normalise the losses over the whole accumulation window and all ranks.
+"""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
-from post_training.losses import next_token_logps, sft_loss, shift_labels
+from post_training.data_sft.tokenize import IGNORE_INDEX
+from post_training.losses import irl_loss, ln_plw_loss, plw_loss, shift_labels
+from post_training.losses.logprobs import next_token_logps_and_lse
 from post_training.trainers.base import Trainer
+
+COUNT_KEYS = ("num_prompt_tokens", "num_completion_tokens", "num_sequences")
 
 
 class SFTTrainer(Trainer):
-    """Mean NLL over completion tokens (the token's own mask, aligned to the prediction)."""
+    """Mean NLL over completion tokens: PLW with prompt weight 0."""
 
-    def count_loss_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return shift_labels(batch["completion_mask"], 0).sum()
+    def loss_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        prompt = shift_labels(batch["prompt_mask"], 0)
+        completion = shift_labels(batch["completion_mask"], 0)
+        return {
+            "num_prompt_tokens": prompt.sum(),
+            "num_completion_tokens": completion.sum(),
+            "num_sequences": (completion.sum(-1) > 0).sum(),
+        }
 
-    def compute_loss(self, model, batch, num_loss_tokens):
+    def forward(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Aligned per-token tensors: logps, lse, correct (argmax hit) and the shifted masks."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps = next_token_logps(logits, batch["labels"])
-        mask = shift_labels(batch["completion_mask"], 0)
-        return sft_loss(logps, mask, num_loss_tokens)
+        # Every real token is a target (PLW weights prompt tokens too); the masks select.
+        tokens = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        logps, lse, correct = next_token_logps_and_lse(logits, tokens)
+        return {
+            "logps": logps,
+            "lse": lse,
+            "correct": correct,
+            "target": shift_labels(batch["attention_mask"], 0),
+            "prompt": shift_labels(batch["prompt_mask"], 0),
+            "completion": shift_labels(batch["completion_mask"], 0),
+        }
+
+    def loss_from(
+        self, out: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return plw_loss(
+            out["logps"], out["prompt"], out["completion"], 0.0, *(counts[k] for k in COUNT_KEYS)
+        )
+
+    def compute_loss(self, model, batch, counts):
+        out = self.forward(model, batch)
+        loss, metrics = self.loss_from(out, counts)
+        prompt_hits = (out["correct"] * out["prompt"]).sum()
+        completion_hits = (out["correct"] * out["completion"]).sum()
+        return loss, {
+            **metrics,
+            "prompt_correct_sum": prompt_hits.detach(),
+            "completion_correct_sum": completion_hits.detach(),
+        }
+
+    def summarize(self, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+        n_p = max(counts.get("num_prompt_tokens", 0.0), 1.0)
+        n_c = max(counts.get("num_completion_tokens", 0.0), 1.0)
+        completion_loss = sums["completion_nll_sum"] / n_c
+        out = {
+            "prompt_loss": sums["prompt_nll_sum"] / n_p,
+            "completion_loss": completion_loss,
+            "completion_perplexity": math.exp(min(completion_loss, 50.0)),
+            "prompt_token_accuracy": sums["prompt_correct_sum"] / n_p,
+            "completion_token_accuracy": sums["completion_correct_sum"] / n_c,
+            "token_accuracy": (sums["prompt_correct_sum"] + sums["completion_correct_sum"])
+            / (n_p + n_c),
+            "num_completion_tokens": counts.get("num_completion_tokens", 0.0),
+        }
+        if "td_sum" in sums:
+            out["td_loss"] = sums["td_sum"] / n_c
+            out["implicit_reward"] = sums["reward_sum"] / n_c
+        return out
+
+
+class PLWTrainer(SFTTrainer):
+    """``trainer=plw``: weights ``plw_args.prompt_loss_weight`` on prompt tokens."""
+
+    def loss_from(self, out, counts):
+        plw: dict[str, Any] = self.cfg["trainer"]["plw_args"]
+        return plw_loss(
+            out["logps"],
+            out["prompt"],
+            out["completion"],
+            float(plw["prompt_loss_weight"]),
+            *(counts[k] for k in COUNT_KEYS),
+            sequence_level=bool(plw["sequence_level_loss"]),
+        )
+
+
+class LNPLWTrainer(SFTTrainer):
+    """``trainer=ln-plw``: ``plw · mean prompt CE + mean completion CE``."""
+
+    def loss_from(self, out, counts):
+        plw: dict[str, Any] = self.cfg["trainer"]["plw_args"]
+        return ln_plw_loss(
+            out["logps"],
+            out["prompt"],
+            out["completion"],
+            float(plw["prompt_loss_weight"]),
+            *(counts[k] for k in COUNT_KEYS),
+            sequence_level=bool(plw["sequence_level_loss"]),
+        )
+
+
+class IRLTrainer(SFTTrainer):
+    """``trainer=irl``: base PLW loss + ``λ``·TD term (``irl_args.lambda_td``, ``gamma``)."""
+
+    def loss_from(self, out, counts):
+        plw: dict[str, Any] = self.cfg["trainer"]["plw_args"]
+        irl: dict[str, Any] = self.cfg["trainer"]["irl_args"]
+        return irl_loss(
+            out["logps"],
+            out["lse"],
+            out["target"],
+            out["prompt"],
+            out["completion"],
+            *(counts[k] for k in COUNT_KEYS),
+            lambda_td=float(irl["lambda_td"]),
+            gamma=float(irl["gamma"]),
+            prompt_loss_weight=float(plw["prompt_loss_weight"]),
+            sequence_level=bool(plw["sequence_level_loss"]),
+        )
