@@ -20,6 +20,24 @@ from post_training.trainers.base import Trainer
 COUNT_KEYS = ("num_prompt_tokens", "num_completion_tokens", "num_sequences")
 
 
+def sft_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Aligned per-token tensors: logps, lse, correct (argmax hit) and the shifted masks.
+
+    Every real token is a target (PLW weights prompt tokens too); the masks select which count.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    tokens = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+    logps, lse, correct = next_token_logps_and_lse(logits, tokens)
+    return {
+        "logps": logps,
+        "lse": lse,
+        "correct": correct,
+        "target": shift_labels(batch["attention_mask"], 0),
+        "prompt": shift_labels(batch["prompt_mask"], 0),
+        "completion": shift_labels(batch["completion_mask"], 0),
+    }
+
+
 class SFTTrainer(Trainer):
     """Mean NLL over completion tokens: PLW with prompt weight 0."""
 
@@ -35,19 +53,7 @@ class SFTTrainer(Trainer):
     def forward(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Aligned per-token tensors: logps, lse, correct (argmax hit) and the shifted masks."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # Every real token is a target (PLW weights prompt tokens too); the masks select.
-        tokens = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
-        logps, lse, correct = next_token_logps_and_lse(logits, tokens)
-        return {
-            "logps": logps,
-            "lse": lse,
-            "correct": correct,
-            "target": shift_labels(batch["attention_mask"], 0),
-            "prompt": shift_labels(batch["prompt_mask"], 0),
-            "completion": shift_labels(batch["completion_mask"], 0),
-        }
+        return sft_forward(model, batch)
 
     def loss_from(
         self, out: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]
