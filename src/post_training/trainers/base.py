@@ -224,8 +224,15 @@ class Trainer(ABC):
         return self.epoch_batches(epoch)[offset]
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        """This rank's micro-batches of step ``step``: micro-batch m of rank r is slot m·W + r."""
-        indices = self.global_batch_indices(step)
+        """This rank's micro-batches of step ``step``: micro-batch m of rank r is slot m·W + r.
+
+        The global batch is sorted by length before it is cut into slots, so each micro-batch
+        pads to a tighter length and ranks get similar loads. The step's loss and gradient are
+        unchanged: they are sums over the whole global batch divided by window-wide counts.
+        """
+        indices = sorted(
+            self.global_batch_indices(step), key=lambda i: len(self.train_data[i]["input_ids"])
+        )
         rank, size = self.accelerator.process_index, self.micro_batch
         batches = []
         for m in range(self.accumulation):

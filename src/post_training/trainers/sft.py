@@ -16,18 +16,28 @@ from post_training.data_sft.tokenize import IGNORE_INDEX
 from post_training.losses import irl_loss, ln_plw_loss, plw_loss, shift_labels
 from post_training.losses.logprobs import next_token_logps_and_lse
 from post_training.trainers.base import Trainer
+from post_training.trainers.lm_head import chunkable_head, logprob_head
 
 COUNT_KEYS = ("num_prompt_tokens", "num_completion_tokens", "num_sequences")
 
 
-def sft_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def sft_forward(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 0
+) -> dict[str, torch.Tensor]:
     """Aligned per-token tensors: logps, lse, correct (argmax hit) and the shifted masks.
 
     Every real token is a target (PLW weights prompt tokens too); the masks select which count.
+    With ``chunk_size > 0`` the LM head computes them chunk by chunk from the last hidden state
+    (see :mod:`post_training.trainers.lm_head`): full-vocabulary logits are never held.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     tokens = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
-    logps, lse, correct = next_token_logps_and_lse(logits, tokens)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    head = chunkable_head(model) if chunk_size > 0 else None
+    if head is not None:
+        with logprob_head(head, shift_labels(tokens, IGNORE_INDEX), chunk_size):
+            logps, lse, correct = model(**inputs).logits.unbind(-1)
+    else:
+        logps, lse, correct = next_token_logps_and_lse(model(**inputs).logits, tokens)
     return {
         "logps": logps,
         "lse": lse,
@@ -53,7 +63,7 @@ class SFTTrainer(Trainer):
     def forward(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        return sft_forward(model, batch)
+        return sft_forward(model, batch, int(self.args.get("loss_chunk_size") or 0))
 
     def loss_from(
         self, out: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]

@@ -1,0 +1,53 @@
+"""Make a causal LM's head return per-token ``(logps, lse, correct)`` instead of full logits.
+
+For one forward, the output-embedding module's ``forward`` is replaced by the chunked
+computation of :func:`post_training.losses.chunked_logps_and_lse`. The model is still called
+through its wrappers (DDP, FSDP, DeepSpeed, PEFT), whose hooks sit on ``__call__`` and so still
+gather / synchronise the head's parameters; the [B, T, V] logits are never materialised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from post_training.losses import chunked_logps_and_lse
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module"):  # DDP / DeepSpeed engine
+        model = model.module
+    return model
+
+
+def chunkable_head(model: nn.Module) -> nn.Linear | None:
+    """The plain linear LM head, or None where the chunked path does not apply (e.g. logit
+    soft-capping after the head, or an adapter-wrapped head)."""
+    inner = _unwrap(model)
+    config = getattr(inner, "config", None)
+    if getattr(config, "final_logit_softcapping", None):
+        return None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    return head if type(head) is nn.Linear else None
+
+
+@contextmanager
+def logprob_head(head: nn.Linear, targets: torch.Tensor, chunk_size: int) -> Iterator[None]:
+    """Within the block, ``head(hidden)`` returns [B, T, 3] = (logps, lse, correct) for
+    ``targets`` [B, T] (already aligned to the predictions; -100 ignored)."""
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        b, t, h = hidden.shape
+        out = chunked_logps_and_lse(
+            hidden.reshape(-1, h), head.weight, targets.reshape(-1), chunk_size, head.bias
+        )
+        return torch.stack(out, dim=-1).view(b, t, 3)
+
+    head.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del head.forward

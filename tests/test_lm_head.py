@@ -1,0 +1,80 @@
+"""The chunked LM-head path of the SFT forward equals the plain one and never builds [B, T, V]."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from post_training.trainers.lm_head import chunkable_head
+from post_training.trainers.sft import sft_forward
+
+VOCAB = 4096
+
+
+def tiny_model() -> torch.nn.Module:
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def batch() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    ids = torch.randint(0, VOCAB, (3, 20))
+    attention = torch.ones_like(ids)
+    attention[1, 12:] = 0
+    completion = torch.zeros_like(ids)
+    completion[:, 8:] = 1
+    completion *= attention
+    return {"input_ids": ids, "attention_mask": attention, "prompt_mask": attention - completion,
+            "completion_mask": completion}  # fmt: skip
+
+
+class MaxNumel(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.max = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.max = max(self.max, t.numel())
+        return out
+
+
+def test_chunked_head_equals_plain_values_and_gradients() -> None:
+    results = []
+    for chunk in (0, 16):
+        model = tiny_model()
+        out = sft_forward(model, batch(), chunk_size=chunk)
+        loss = -(out["logps"] * out["completion"]).sum() + 0.1 * (out["lse"] ** 2).mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results.append((out, grads))
+    (plain, g_plain), (chunked, g_chunked) = results
+    for key in ("logps", "lse", "correct"):
+        torch.testing.assert_close(chunked[key], plain[key], rtol=1e-5, atol=1e-5)
+    for name in g_plain:
+        torch.testing.assert_close(g_chunked[name], g_plain[name], rtol=1e-4, atol=1e-6)
+    assert chunkable_head(tiny_model()) is not None
+
+
+def test_chunked_head_never_materialises_full_logits() -> None:
+    model, data = tiny_model(), batch()
+    full = data["input_ids"].numel() * VOCAB
+    # Bound: one chunk of logits, or the [V, H] weight (its gradient), whichever is larger.
+    for chunk, bound in ((16, max(16, 32) * VOCAB), (0, full)):
+        mode = MaxNumel()
+        with mode:
+            out = sft_forward(model, data, chunk_size=chunk)
+            (-(out["logps"] * out["completion"]).sum()).backward()
+        if chunk:
+            assert mode.max <= bound < full, (mode.max, bound)
+        else:
+            assert mode.max >= full
+    # the head is restored after the forward
+    assert model.get_output_embeddings()(torch.zeros(1, 32)).shape == (1, VOCAB)
