@@ -24,6 +24,7 @@ QUICK = (
     "tensorboard=false",
     "training_args.num_train_epochs=null",
     "training_args.per_device_train_batch_size=8",
+    "training_args.gradient_accumulation_steps=1",
     "training_args.logging_steps=1",
     "training_args.eval_steps=null",
     "evaluation.at_end=false",

@@ -144,3 +144,13 @@ def test_offline_by_default_unless_explicitly_enabled() -> None:
     env["HF_HUB_OFFLINE"] = "0"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks the CPU refusal; QLoRA needs a GPU"
+)
+def test_qlora_is_refused_on_cpu_with_the_reason() -> None:
+    from post_training.utils.models import apply_peft
+
+    with pytest.raises(ConfigError, match="needs a CUDA GPU and the bitsandbytes package"):
+        apply_peft(None, {"use_peft": True, "load_in_4bit": True})  # type: ignore[arg-type]

@@ -211,3 +211,45 @@ def test_two_processes_equal_one_process_with_twice_the_batch(artifacts: Path) -
     ref, two = final_weights(artifacts, "one"), final_weights(artifacts, "two")
     for name in ref:
         torch.testing.assert_close(two[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("trainer", ["plw", "ln-plw", "irl"])
+def test_each_sft_family_trainer_learns_the_default_task(artifacts: Path, trainer: str) -> None:
+    """Default settings with another trainer: well above the untrained model (0% exact match)."""
+    run_entrypoint(
+        "train_sft",
+        [f"trainer={trainer}", "wandb.mode=disabled", "tensorboard=false", f"job_subdir={trainer}"],
+        artifacts,
+    )
+    (final,) = job_dir(artifacts, trainer).rglob("final-model")
+    result = json.loads((final / "eval-tiny-tasks.json").read_text())
+    print(trainer, result["accuracy"], result["per_task"])
+    assert result["accuracy"] >= 0.3
+    (run_dir,) = run_dirs(artifacts, trainer)
+    last = [m for m in read_metrics(run_dir) if "loss" in m][-1]
+    for key in ("prompt_loss", "completion_loss", "completion_token_accuracy", "token_accuracy"):
+        assert key in last
+    if trainer == "irl":
+        assert "td_loss" in last and "implicit_reward" in last
+
+
+def test_lora_trains_adapters_and_saves_adapter_and_merged_model(artifacts: Path) -> None:
+    args = [*QUICK, "training_args.max_steps=6", "model_args.use_peft=true", "job_subdir=lora",
+            "model_args.lora_r=4", "training_args.learning_rate=0.01"]  # fmt: skip
+    run_entrypoint("train_sft", args, artifacts)
+    (adapter,) = job_dir(artifacts, "lora").rglob("final-adapter")
+    assert (adapter / "adapter_config.json").is_file()
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert not (adapter / "model.safetensors").exists()
+    merged = AutoModelForCausalLM.from_pretrained(
+        next(job_dir(artifacts, "lora").rglob("final-model"))
+    )
+    # Base weights outside the LoRA targets are frozen; targeted linears moved by B·A.
+    run_entrypoint("train_sft", [*QUICK, "training_args.max_steps=0", "job_subdir=init"], artifacts)
+    init = AutoModelForCausalLM.from_pretrained(
+        next(job_dir(artifacts, "init").rglob("final-model"))
+    )
+    init_params = dict(init.named_parameters())
+    changed = {n for n, p in merged.named_parameters() if not torch.equal(p, init_params[n])}
+    assert changed and all("proj" in n for n in changed), changed
+    assert not any("embed" in n or "norm" in n for n in changed)

@@ -23,7 +23,7 @@ from post_training.evaluate import evaluate_checkpoint
 from post_training.trainers import TRAINERS
 from post_training.trainers.base import check_training_length
 from post_training.utils.config import ConfigError, register_resolvers
-from post_training.utils.models import load_model, load_tokenizer
+from post_training.utils.models import apply_peft, load_model, load_tokenizer
 from post_training.utils.run import setup_run
 from post_training.utils.signals import EXIT_CODE_STOPPED
 from post_training.utils.tracking import MetricsLogger
@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> int:
 
     tokenizer = load_tokenizer(run_ctx.config["model"])
     data = load_sft_data(run_ctx.config["dataset"], tokenizer, int(cfg.model.max_seq_length))
-    model = load_model(run_ctx.config["model"], tokenizer)
+    model = apply_peft(load_model(run_ctx.config["model"], tokenizer), run_ctx.config["model_args"])
     metrics = MetricsLogger(
         run_ctx.run_dir,
         run_ctx.config,

@@ -28,6 +28,7 @@ from post_training.data_sft.collate import pad_collate
 from post_training.data_sft.sampling import epoch_batches
 from post_training.utils import checkpointing as ckpt
 from post_training.utils.config import ConfigError
+from post_training.utils.models import is_peft_model
 from post_training.utils.run import RunContext
 from post_training.utils.signals import GracefulStop
 from post_training.utils.tracking import MetricsLogger
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 FINAL_MODEL_DIR = "final-model"
+FINAL_ADAPTER_DIR = "final-adapter"
 LENGTH_KEYS = ("max_steps", "num_train_epochs", "num_training_samples", "num_training_tokens")
 
 
@@ -306,7 +308,14 @@ class Trainer(ABC):
         if self.eval_data:
             self.metrics.log(self.evaluate_loss(), state.global_step)
         final = self.run.checkpoint_dir / FINAL_MODEL_DIR
-        self.save_model(final)
+        if is_peft_model(self.accelerator.unwrap_model(self.model)):
+            self.save_model(self.run.checkpoint_dir / FINAL_ADAPTER_DIR)
+            if self.cfg.get("model_args", {}).get("save_merged_model", True):
+                self.save_merged_model(final)
+            else:
+                final = self.run.checkpoint_dir / FINAL_ADAPTER_DIR
+        else:
+            self.save_model(final)
         if self.accelerator.is_main_process:
             print(f"Final model: {final}", flush=True)
         return TrainOutcome(state, False, final, last_saved)
@@ -466,8 +475,21 @@ class Trainer(ABC):
         self.state = TrainState(**saved)
         log.info("Resumed at step %d from %s", self.state.global_step, path)
 
+    def save_merged_model(self, directory: Path) -> None:
+        """LoRA merged into the base weights: a plain checkpoint (end of training only, since
+        merging rewrites the model in place)."""
+        if self.accelerator.is_main_process:
+            tmp = ckpt.temporary_path(directory)
+            shutil.rmtree(tmp, ignore_errors=True)
+            merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
+            merged.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            ckpt.finalize(tmp, directory)
+        self.accelerator.wait_for_everyone()
+
     def save_model(self, directory: Path) -> None:
-        """Inference checkpoint: safetensors weights, config, tokenizer and chat template."""
+        """Inference checkpoint: safetensors weights (LoRA: the adapter), config, tokenizer and
+        chat template."""
         tmp = ckpt.temporary_path(directory)
         state_dict = self.accelerator.get_state_dict(self.model)
         if self.accelerator.is_main_process:

@@ -79,6 +79,45 @@ def load_tokenizer(model_cfg: dict[str, Any]) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def apply_peft(model: PreTrainedModel, model_args: dict[str, Any] | None) -> torch.nn.Module:
+    """Wrap in LoRA adapters when ``model_args.use_peft`` (TRL ModelConfig keys); QLoRA (4-bit)
+    needs a CUDA GPU and bitsandbytes and is refused otherwise with the reason."""
+    if not model_args or not model_args.get("use_peft"):
+        if model_args and model_args.get("load_in_4bit"):
+            raise ConfigError("model_args.load_in_4bit is QLoRA: set model_args.use_peft=true too")
+        return model
+    if model_args.get("load_in_4bit"):
+        import importlib.util
+
+        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(
+                "model_args.load_in_4bit (QLoRA) needs a CUDA GPU and the bitsandbytes package"
+            )
+        raise ConfigError("model_args.load_in_4bit: QLoRA loading is not implemented yet")
+    from peft import LoraConfig, get_peft_model
+
+    targets = model_args.get("lora_target_modules") or "all-linear"
+    config = LoraConfig(
+        r=int(model_args["lora_r"]),
+        lora_alpha=int(model_args["lora_alpha"]),
+        lora_dropout=float(model_args["lora_dropout"]),
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        modules_to_save=model_args.get("lora_modules_to_save"),
+        use_rslora=bool(model_args.get("use_rslora", False)),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info(
+        "LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total
+    )
+    return model
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
 def load_model(model_cfg: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """From pretrained safetensors, or randomly initialised from ``init_seed`` (tiny model)."""
     dtype = torch_dtype(model_cfg["torch_dtype"])
