@@ -106,9 +106,11 @@ class SFTTrainer(Trainer):
 class PLWTrainer(SFTTrainer):
     """``trainer=plw``: weights ``plw_args.prompt_loss_weight`` on prompt tokens."""
 
+    loss_fn = staticmethod(plw_loss)
+
     def loss_from(self, out, counts):
         plw: dict[str, Any] = self.cfg["trainer"]["plw_args"]
-        return plw_loss(
+        return self.loss_fn(
             out["logps"],
             out["prompt"],
             out["completion"],
@@ -118,19 +120,10 @@ class PLWTrainer(SFTTrainer):
         )
 
 
-class LNPLWTrainer(SFTTrainer):
+class LNPLWTrainer(PLWTrainer):
     """``trainer=ln-plw``: ``plw · mean prompt CE + mean completion CE``."""
 
-    def loss_from(self, out, counts):
-        plw: dict[str, Any] = self.cfg["trainer"]["plw_args"]
-        return ln_plw_loss(
-            out["logps"],
-            out["prompt"],
-            out["completion"],
-            float(plw["prompt_loss_weight"]),
-            *(counts[k] for k in COUNT_KEYS),
-            sequence_level=bool(plw["sequence_level_loss"]),
-        )
+    loss_fn = staticmethod(ln_plw_loss)
 
 
 class IRLTrainer(SFTTrainer):
