@@ -130,3 +130,17 @@ def test_micro_batches_with_window_counts_sum_to_the_full_batch(name, sequence_l
     assert torch.allclose(full, parts, atol=1e-6)
     for a, b in zip(grads_full, grads_parts, strict=True):
         assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6)
+
+
+def test_counts_use_the_shifted_masks_of_the_predicted_tokens() -> None:
+    """The first token (BOS, prompt) is never predicted: it must not enter the denominator."""
+    from post_training.trainers.sft import SFTTrainer
+
+    batch = {
+        "prompt_mask": torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]]),
+        "completion_mask": torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1]]),
+    }
+    counts = SFTTrainer.loss_counts(None, batch)  # type: ignore[arg-type]
+    assert counts["num_prompt_tokens"] == 5 - 2  # unshifted would say 5
+    assert counts["num_completion_tokens"] == 6
+    assert counts["num_sequences"] == 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import shutil
 import time
 from abc import ABC, abstractmethod
@@ -39,6 +40,13 @@ STATE_FILE = "trainer_state.json"
 FINAL_MODEL_DIR = "final-model"
 FINAL_ADAPTER_DIR = "final-adapter"
 LENGTH_KEYS = ("max_steps", "num_train_epochs", "num_training_samples", "num_training_tokens")
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """CUDA max allocated on GPU; max resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
 @dataclass
@@ -404,8 +412,7 @@ class Trainer(ABC):
             "num_samples": self.state.samples_seen,
             "tokens_per_second": window["tokens"] / elapsed,
         }
-        if torch.cuda.is_available():
-            metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        metrics["peak_memory_gb"] = peak_memory_gb(self.accelerator.device)
         self.metrics.log(metrics, step)
         window.update(self._new_window())
 
