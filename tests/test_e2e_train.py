@@ -131,6 +131,12 @@ def test_sigusr1_checkpoints_exits_75_and_resume_continues(artifacts: Path) -> N
 def test_config_drift_refused_on_rerun(artifacts: Path) -> None:
     args = [*QUICK, "training_args.max_steps=2", "job_subdir=drift", "resuming.resume=true"]
     run_entrypoint("train_sft", args, artifacts)
+    # The same command again: the finished job resumes at its end and rewrites no checkpoint.
+    (done,) = job_dir(artifacts, "drift").glob("checkpoints/*/checkpoint-2")
+    before = (done / "model.safetensors").stat().st_mtime_ns
+    again = run_entrypoint("train_sft", args, artifacts)
+    assert "Resumed at step 2" in again.stdout + again.stderr
+    assert (done / "model.safetensors").stat().st_mtime_ns == before
     proc = run_entrypoint(
         "train_sft", [*args, "training_args.learning_rate=0.1"], artifacts, check=False
     )

@@ -282,7 +282,8 @@ class Trainer(ABC):
         )
         self.model.train()
         window = self._new_window()
-        last_saved: Path | None = None
+        last_saved: Path | None = self.run.resume_from  # a finished job re-run saves nothing new
+        evaluated_at = -1
         stopped = False
         while state.global_step < state.total_steps:
             grad_norm, lr = self._optimizer_step(window)
@@ -294,6 +295,7 @@ class Trainer(ABC):
                 self._log_train(window, grad_norm, lr)
             if args.get("eval_steps") and step % int(args["eval_steps"]) == 0:
                 self.metrics.log(self.evaluate_loss(), step)
+                evaluated_at = step
             every = args.get("inference_checkpoint_steps")
             if every and step % int(every) == 0:
                 self.save_model(self.run.checkpoint_dir / f"inference-checkpoint-{step}")
@@ -313,7 +315,7 @@ class Trainer(ABC):
             return TrainOutcome(state, True, None, last_saved)
         if last_saved is None or ckpt.step_of(last_saved) != state.global_step:
             last_saved = self.save_checkpoint()
-        if self.eval_data:
+        if self.eval_data and evaluated_at != state.global_step:
             self.metrics.log(self.evaluate_loss(), state.global_step)
         final = self.run.checkpoint_dir / FINAL_MODEL_DIR
         if is_peft_model(self.accelerator.unwrap_model(self.model)):
