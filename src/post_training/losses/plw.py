@@ -82,5 +82,4 @@ def _ce_metrics(
     return {
         "prompt_nll_sum": (p * ce).sum().detach(),
         "completion_nll_sum": (c * ce).sum().detach(),
-        "nll_sum": (c * ce).sum().detach(),
     }
