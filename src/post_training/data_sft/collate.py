@@ -1,9 +1,10 @@
-"""Right-padded batches of tokenized SFT examples."""
+"""Right-padded batches of tokenized SFT examples (unpacked or packed)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from post_training.data_sft.tokenize import IGNORE_INDEX
@@ -12,18 +13,30 @@ PAD_VALUES = {"input_ids": None, "labels": IGNORE_INDEX, "prompt_mask": 0, "comp
 
 
 def pad_collate(
-    examples: Sequence[dict[str, list[int]]], pad_token_id: int
+    examples: Sequence[dict[str, Sequence[int]]], pad_token_id: int
 ) -> dict[str, torch.Tensor]:
-    """Pad to the longest example; adds ``attention_mask``."""
+    """Pad to the longest example; adds ``attention_mask`` (1 on real tokens).
+
+    Packed examples carry ``position_ids``; their padding gets positions ``0, 1, ...`` so it
+    forms a document of its own that no real token attends to.
+    """
     length = max(len(e["input_ids"]) for e in examples)
+    size = len(examples)
     batch: dict[str, torch.Tensor] = {}
-    for key, pad in PAD_VALUES.items():
+    keys = dict(PAD_VALUES)
+    if "position_ids" in examples[0]:
+        keys["position_ids"] = None
+    for key, pad in keys.items():
         value = pad_token_id if pad is None else pad
-        batch[key] = torch.tensor(
-            [e[key] + [value] * (length - len(e[key])) for e in examples], dtype=torch.long
-        )
-    batch["attention_mask"] = torch.tensor(
-        [[1] * len(e["input_ids"]) + [0] * (length - len(e["input_ids"])) for e in examples],
-        dtype=torch.long,
-    )
+        out = np.full((size, length), value, dtype=np.int64)
+        for row, example in enumerate(examples):
+            values = example[key]
+            out[row, : len(values)] = values
+            if key == "position_ids":
+                out[row, len(values) :] = np.arange(length - len(values))
+        batch[key] = torch.from_numpy(out)
+    attention = np.zeros((size, length), dtype=np.int64)
+    for row, example in enumerate(examples):
+        attention[row, : len(example["input_ids"])] = 1
+    batch["attention_mask"] = torch.from_numpy(attention)
     return batch

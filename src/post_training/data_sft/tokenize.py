@@ -1,88 +1,340 @@
-"""Chat templating and tokenization with exact prompt / completion masks.
+"""Templating and tokenization with exact prompt / completion masks, truncation and filters.
 
-Boundaries come from the template itself: for each assistant turn ``i`` the conversation up to
-``i`` is rendered with the generation prompt, and the conversation including turn ``i`` without
-it; the token ids between the two are that turn's completion (its content and end-of-turn token).
-Every rendering must be a token-id prefix of the next, else the template is not prefix-stable and
-masks could be wrong, so we refuse the example rather than guess.
+Each conversation is rendered to text together with the character spans of its trained parts
+(every assistant turn's content and end-of-turn suffix; all of a plain-text document):
+
+- a registry / YAML :class:`~post_training.data_sft.templates.ChatTemplate` knows the spans by
+  construction;
+- the tokenizer's own Jinja template is rendered incrementally: for each assistant turn ``i``,
+  messages ``[:i]`` with the generation prompt and ``[:i+1]`` without it; the text between the two
+  is the completion, and every rendering must be a prefix of the next (else we refuse the example
+  rather than guess).
+
+The whole text is then tokenized once (batched, in Rust) with character offsets, and a token is
+a completion token iff it overlaps a trained span, so every completion character is trained even
+where a subword merges across the boundary (e.g. BPE's ``" answer"`` after ``"Assistant:"``);
+such tokens are counted in the report. No string search is involved, so repeated content cannot
+confuse the masks.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from post_training.data_sft.messages import DataError
+from post_training.data_sft.templates import ROLES, TEXT_ROLE, ChatTemplate
+from post_training.utils.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+TRUNCATION_MODES = ("drop", "truncate")
+ROLE_FIX_MODES = ("merge", "drop", "error")
+ENCODE_BATCH = 1024
 
 
-def _encode(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation: bool
-) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+@dataclass
+class TokenizeOptions:
+    """``max_seq_length``; ``truncation``: ``drop`` too-long examples or ``truncate`` their tail
+    (kept if completion tokens remain); ``role_fix``: consecutive messages of the same role are
+    ``merge``d (joined by ``merge_separator``), the example ``drop``ped, or an ``error``."""
+
+    max_seq_length: int
+    truncation: str = "drop"
+    role_fix: str = "merge"
+    merge_separator: str = "\n\n"
+    add_bos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.truncation not in TRUNCATION_MODES:
+            raise ConfigError(
+                f"data.truncation must be one of {TRUNCATION_MODES}, got {self.truncation!r}"
+            )
+        if self.role_fix not in ROLE_FIX_MODES:
+            raise ConfigError(
+                f"data.non_alternating_roles must be one of {ROLE_FIX_MODES}, got {self.role_fix!r}"
+            )
 
 
-def tokenize_chat(
-    messages: Sequence[dict[str, str]], tokenizer: PreTrainedTokenizerBase, where: str = "example"
-) -> dict[str, list[int]]:
-    """``input_ids``, ``labels`` (-100 off completions), ``prompt_mask``, ``completion_mask``."""
-    messages = list(messages)
-    input_ids = _encode(tokenizer, messages, generation=False)
-    completion = [0] * len(input_ids)
+@dataclass
+class FilterReport:
+    """Examples kept and dropped per reason."""
+
+    total: int = 0
+    kept: int = 0
+    truncated: int = 0
+    merged: int = 0
+    boundary_tokens: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def summary(self, name: str) -> str:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) or "none"
+        return (
+            f"{name}: kept {self.kept} of {self.total} examples (truncated {self.truncated}, "
+            f"merged roles in {self.merged}; {self.boundary_tokens} tokens straddle a "
+            f"prompt/completion boundary); dropped: {reasons}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "kept": self.kept,
+            "truncated": self.truncated,
+            "merged": self.merged,
+            "boundary_tokens": self.boundary_tokens,
+            "dropped": dict(self.dropped),
+        }
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def fix_roles(
+    messages: Sequence[Mapping[str, Any]], options: TokenizeOptions, where: str
+) -> tuple[list[dict[str, str]], bool]:
+    """Validate roles; merge (or drop / refuse) consecutive messages of the same role.
+
+    A system message is allowed only first. Returns the messages and whether any were merged.
+    """
+    out: list[dict[str, str]] = []
+    merged = False
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in (*ROLES, TEXT_ROLE):
+            raise DataError(f"{where}: messages[{i}].role {role!r} is not one of {ROLES}")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: messages[{i}].content is {type(content).__name__}, not str")
+        if role == TEXT_ROLE and len(messages) != 1:
+            raise DataError(f"{where}: a 'text' message must be the only message of its row")
+        if role == "system" and i > 0:
+            if options.role_fix == "error":
+                raise DataError(f"{where}: messages[{i}] is a system message after the first")
+            raise _Skip("system_not_first")
+        if out and out[-1]["role"] == role:
+            if options.role_fix == "error":
+                raise DataError(
+                    f"{where}: messages[{i - 1}] and messages[{i}] both have role {role!r}"
+                )
+            if options.role_fix == "drop":
+                raise _Skip("non_alternating_roles")
+            out[-1] = {
+                "role": role,
+                "content": out[-1]["content"] + options.merge_separator + content,
+            }
+            merged = True
+            continue
+        out.append({"role": role, "content": content})
+    return out, merged
+
+
+def _render_with_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], where: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render with the tokenizer's Jinja template; spans from incremental rendering."""
+
+    def render(msgs: list[dict[str, str]], generation: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
+
+    if messages[0]["role"] == TEXT_ROLE:
+        bos = tokenizer.bos_token or ""
+        text = messages[0]["content"] + (tokenizer.eos_token or "")
+        return bos + text, [(len(bos), len(bos) + len(text))]
+    full = render(messages, False)
+    spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         if i == 0:
-            raise DataError(f"{where}: the conversation starts with an assistant message")
-        start_ids = _encode(tokenizer, messages[:i], generation=True)
-        end_ids = _encode(tokenizer, messages[: i + 1], generation=False)
-        if end_ids[: len(start_ids)] != start_ids or input_ids[: len(end_ids)] != end_ids:
+            raise _Skip("starts_with_assistant")
+        start = render(messages[:i], True)
+        end = render(messages[: i + 1], False)
+        if not end.startswith(start) or not full.startswith(end):
             raise DataError(
-                f"{where}: the chat template is not prefix-stable at message {i}; "
-                "cannot derive exact completion masks"
+                f"{where}: the tokenizer's chat template is not prefix-stable at message {i} "
+                "(rendering the conversation up to a turn is not a prefix of the next); cannot "
+                "derive exact completion masks — use a registry or YAML template "
+                "(model.chat_template)"
             )
-        for pos in range(len(start_ids), len(end_ids)):
-            completion[pos] = 1
-    labels = [t if c else IGNORE_INDEX for t, c in zip(input_ids, completion, strict=True)]
+        spans.append((len(start), len(end)))
+    return full, spans
+
+
+class ChatEncoder:
+    """Turns conversations into tokenized examples (see the module docstring)."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        template: ChatTemplate | None,
+        options: TokenizeOptions,
+    ) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise ConfigError("SFT tokenization needs a fast (Rust) tokenizer for offsets")
+        self.tokenizer = tokenizer
+        self.options = options
+        self.template = (
+            template.bind(tokenizer.bos_token, tokenizer.eos_token) if template else None
+        )
+        self.bos_id = tokenizer.bos_token_id
+        if options.add_bos and self.bos_id is None:
+            raise ConfigError("model.special_tokens.add_bos is true but the tokenizer has no BOS")
+
+    def render(
+        self, messages: list[dict[str, str]], where: str
+    ) -> tuple[str, list[tuple[int, int]]]:
+        if self.template is not None:
+            if messages[0]["role"] == "assistant" and "user" in self.template.roles:
+                raise _Skip("starts_with_assistant")
+            return self.template.render(messages)
+        return _render_with_tokenizer(self.tokenizer, messages, where)
+
+    def encode(
+        self,
+        conversations: Iterable[Sequence[Mapping[str, Any]]],
+        where: str = "dataset",
+        report: FilterReport | None = None,
+    ) -> tuple[list[dict[str, np.ndarray]], list[int]]:
+        """Tokenized examples and, for each, the index of its conversation in the input."""
+        report = report if report is not None else FilterReport()
+        examples: list[dict[str, np.ndarray]] = []
+        kept_index: list[int] = []
+        texts: list[str] = []
+        spans: list[list[tuple[int, int]]] = []
+        indices: list[int] = []
+
+        def flush() -> None:
+            encodings = self.tokenizer.backend_tokenizer.encode_batch(
+                texts, add_special_tokens=False
+            )
+            for enc, sp, index in zip(encodings, spans, indices, strict=True):
+                example = self._example(enc.ids, enc.offsets, sp, report)
+                if example is not None:
+                    examples.append(example)
+                    kept_index.append(index)
+            texts.clear()
+            spans.clear()
+            indices.clear()
+
+        for index, messages in enumerate(conversations):
+            report.total += 1
+            row_where = f"{where}: row {index}"
+            try:
+                if not messages:
+                    raise _Skip("empty")
+                fixed, merged = fix_roles(messages, self.options, row_where)
+                text, sp = self.render(fixed, row_where)
+            except _Skip as skip:
+                report.dropped[skip.reason] += 1
+                continue
+            if not sp:
+                report.dropped["no_completion"] += 1
+                continue
+            report.merged += int(merged)
+            texts.append(text)
+            spans.append(sp)
+            indices.append(index)
+            if len(texts) >= ENCODE_BATCH:
+                flush()
+        if texts:
+            flush()
+        report.kept = len(examples)
+        return examples, kept_index
+
+    def _example(
+        self,
+        ids: list[int],
+        offsets: list[tuple[int, int]],
+        spans: list[tuple[int, int]],
+        report: FilterReport,
+    ) -> dict[str, np.ndarray] | None:
+        input_ids = np.asarray(ids, dtype=np.int64)
+        bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        starts, ends = bounds[:, 0], bounds[:, 1]
+        completion = np.zeros(len(ids), dtype=np.int64)
+        ends = np.maximum(ends, starts + 1)  # zero-width tokens count at their position
+        for a, b in spans:
+            completion |= (starts < b) & (ends > a)
+            # A subword merged across a boundary is trained (every completion character is
+            # covered by a trained token), and reported.
+            report.boundary_tokens += int(((starts < a) & (ends > a)).sum())
+            report.boundary_tokens += int(((starts < b) & (ends > b)).sum())
+        if self.options.add_bos and (len(ids) == 0 or ids[0] != self.bos_id):
+            input_ids = np.concatenate([[self.bos_id], input_ids])
+            completion = np.concatenate([[0], completion])
+        limit = self.options.max_seq_length
+        truncated = len(input_ids) > limit
+        if truncated:
+            if self.options.truncation == "drop":
+                report.dropped["too_long"] += 1
+                return None
+            input_ids, completion = input_ids[:limit], completion[:limit]
+            report.truncated += 1
+        # Position 0 is never predicted, so a completion there would be no completion at all.
+        if not completion[1:].any():
+            reason = "no_completion_after_truncation" if truncated else "no_completion"
+            report.dropped[reason] += 1
+            return None
+        return make_example(input_ids, completion)
+
+
+def make_example(input_ids: np.ndarray, completion: np.ndarray) -> dict[str, np.ndarray]:
+    """The tokenized-example contract: ``input_ids``, ``labels``, ``prompt_mask``,
+    ``completion_mask``."""
+    completion = completion.astype(np.int64)
     return {
         "input_ids": input_ids,
-        "labels": labels,
-        "prompt_mask": [1 - c for c in completion],
+        "labels": np.where(completion == 1, input_ids, IGNORE_INDEX),
+        "prompt_mask": 1 - completion,
         "completion_mask": completion,
     }
 
 
-def tokenize_rows(
-    rows: Sequence[dict[str, Any]],
+def tokenize_chat(
+    messages: Sequence[Mapping[str, str]],
     tokenizer: PreTrainedTokenizerBase,
-    max_seq_length: int,
-    messages_field: str = "messages",
-    source: str = "dataset",
-) -> list[dict[str, list[int]]]:
-    """Tokenize every row; rows longer than ``max_seq_length`` are dropped and counted."""
-    out: list[dict[str, list[int]]] = []
-    too_long = 0
-    for index, row in enumerate(rows):
-        example = tokenize_chat(row[messages_field], tokenizer, where=f"{source}: row {index}")
-        if len(example["input_ids"]) > max_seq_length:
-            too_long += 1
-            continue
-        out.append(example)
-    if too_long:
-        log.warning(
-            "%s: dropped %d of %d examples longer than max_seq_length=%d",
-            source,
-            too_long,
-            len(rows),
-            max_seq_length,
+    template: ChatTemplate | None = None,
+    max_seq_length: int = 1 << 30,
+    where: str = "example",
+) -> dict[str, np.ndarray]:
+    """One conversation → one example (refuses instead of dropping; for tests and tools)."""
+    report = FilterReport()
+    encoder = ChatEncoder(tokenizer, template, TokenizeOptions(max_seq_length, role_fix="error"))
+    examples, _ = encoder.encode([messages], where, report)
+    if not examples:
+        raise DataError(f"{where}: dropped ({dict(report.dropped)})")
+    return examples[0]
+
+
+def reference_masks(
+    messages: Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[int]] | None:
+    """Token ids and completion mask by incremental *token-id* rendering of the tokenizer's
+    template: slow, used by tests as the ground truth for every template. ``None`` when the
+    token ids are not prefix-stable (a subword merged across a turn boundary)."""
+
+    def ids(msgs: Sequence[Mapping[str, str]], generation: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(
+            list(msgs), tokenize=False, add_generation_prompt=generation
         )
-    if not out:
-        raise DataError(f"{source}: no example fits max_seq_length={max_seq_length}")
-    return out
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    full = ids(messages, False)
+    completion = [0] * len(full)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start, end = ids(messages[:i], True), ids(messages[: i + 1], False)
+        if end[: len(start)] != start or full[: len(end)] != end:
+            return None
+        for pos in range(len(start), len(end)):
+            completion[pos] = 1
+    return full, completion

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from post_training.losses.plw import _safe_div, plw_loss
+from post_training.losses.plw import _safe_div, per_sequence, plw_loss
 
 
 def next_state_values(lse: torch.Tensor, target_mask: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -44,6 +44,7 @@ def irl_loss(
     gamma: float = 1.0,
     prompt_loss_weight: float = 0.0,
     sequence_level: bool = False,
+    sequence_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Base PLW loss + ``λ``·(mean over completion tokens of ``(Q − γ·V')²``).
 
@@ -59,13 +60,15 @@ def irl_loss(
         num_completion_tokens,
         num_sequences,
         sequence_level,
+        sequence_ids,
     )
     c = completion_mask.to(token_logps.dtype)
     q = token_logps + lse
     reward = q - next_state_values(lse, target_mask, gamma)
     td = reward.pow(2) * c
     if sequence_level:
-        td_term = _safe_div(_safe_div(td.sum(-1), c.sum(-1)).sum(), num_sequences)
+        per_seq = _safe_div(per_sequence(td, sequence_ids), per_sequence(c, sequence_ids))
+        td_term = _safe_div(per_seq.sum(), num_sequences)
     else:
         td_term = _safe_div(td.sum(), num_completion_tokens)
     loss = base + lambda_td * td_term

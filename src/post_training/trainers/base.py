@@ -17,6 +17,7 @@ import resource
 import shutil
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -79,11 +80,6 @@ def check_training_length(args: dict[str, Any]) -> str:
         )
     if chosen[0] == "num_training_tokens" and not args.get("packing"):
         raise ConfigError("training_args.num_training_tokens needs training_args.packing=true")
-    if args.get("packing"):
-        raise ConfigError(
-            "training_args.packing=true: padding-free packing arrives with the data-pipeline "
-            "issue; this build trains on right-padded batches only."
-        )
     return chosen[0]
 
 
@@ -95,8 +91,8 @@ class Trainer(ABC):
         cfg: dict[str, Any],
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        train_data: list[dict[str, list[int]]],
-        eval_data: list[dict[str, list[int]]],
+        train_data: Sequence[Mapping[str, Sequence[int]]],
+        eval_data: Sequence[Mapping[str, Sequence[int]]],
         accelerator: Accelerator,
         run: RunContext,
         metrics: MetricsLogger,
@@ -166,6 +162,9 @@ class Trainer(ABC):
             return int(value)
         if key == "num_train_epochs":
             return math.ceil(float(value) * self.steps_per_epoch)
+        if key == "num_training_tokens":  # packed: a step holds global_batch × mean bin length
+            mean_bin = sum(len(e["input_ids"]) for e in self.train_data) / len(self.train_data)
+            return math.ceil(int(value) / (self.global_batch * mean_bin))
         return math.ceil(int(value) / self.global_batch)  # num_training_samples
 
     def _configure_deepspeed(self) -> None:

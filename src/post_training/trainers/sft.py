@@ -15,10 +15,30 @@ import torch
 from post_training.data_sft.tokenize import IGNORE_INDEX
 from post_training.losses import irl_loss, ln_plw_loss, plw_loss, shift_labels
 from post_training.losses.logprobs import next_token_logps_and_lse
+from post_training.losses.plw import per_sequence
 from post_training.trainers.base import Trainer
 from post_training.trainers.lm_head import chunkable_head, logprob_head
 
 COUNT_KEYS = ("num_prompt_tokens", "num_completion_tokens", "num_sequences")
+
+
+def target_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """1 on tokens that some position predicts: real tokens, except a packed document's first
+    (it would be predicted by the previous document)."""
+    valid = batch["attention_mask"]
+    if "position_ids" in batch:
+        valid = valid * (batch["position_ids"] != 0)
+    return valid
+
+
+def sequence_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Per position, the id of its packed document (unique in the batch); ``None`` unpacked."""
+    if "position_ids" not in batch:
+        return None
+    rows, length = batch["position_ids"].shape
+    docs = (batch["position_ids"] == 0).cumsum(-1) - 1
+    offset = torch.arange(rows, device=docs.device).unsqueeze(-1) * length
+    return (docs + offset).masked_fill(batch["attention_mask"] == 0, -1)
 
 
 def sft_forward(
@@ -29,22 +49,32 @@ def sft_forward(
     Every real token is a target (PLW weights prompt tokens too); the masks select which count.
     With ``chunk_size > 0`` the LM head computes them chunk by chunk from the last hidden state
     (see :mod:`post_training.trainers.lm_head`): full-vocabulary logits are never held.
+    Packed batches (``position_ids``) go in without an attention mask, so that transformers
+    keeps attention inside each document.
     """
-    tokens = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    valid = target_mask(batch)
+    tokens = batch["input_ids"].masked_fill(valid == 0, IGNORE_INDEX)
+    # No KV cache: transformers only looks for packed documents when there is none.
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
+    else:
+        inputs["attention_mask"] = batch["attention_mask"]
     head = chunkable_head(model) if chunk_size > 0 else None
     if head is not None:
         with logprob_head(head, shift_labels(tokens, IGNORE_INDEX), chunk_size):
             logps, lse, correct = model(**inputs).logits.unbind(-1)
     else:
         logps, lse, correct = next_token_logps_and_lse(model(**inputs).logits, tokens)
+    ids = sequence_ids(batch)
     return {
         "logps": logps,
         "lse": lse,
         "correct": correct,
-        "target": shift_labels(batch["attention_mask"], 0),
+        "target": shift_labels(valid, 0),
         "prompt": shift_labels(batch["prompt_mask"], 0),
         "completion": shift_labels(batch["completion_mask"], 0),
+        "sequence": None if ids is None else shift_labels(ids, -1),
     }
 
 
@@ -54,10 +84,12 @@ class SFTTrainer(Trainer):
     def loss_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prompt = shift_labels(batch["prompt_mask"], 0)
         completion = shift_labels(batch["completion_mask"], 0)
+        ids = sequence_ids(batch)
+        sequence = None if ids is None else shift_labels(ids, -1)
         return {
             "num_prompt_tokens": prompt.sum(),
             "num_completion_tokens": completion.sum(),
-            "num_sequences": (completion.sum(-1) > 0).sum(),
+            "num_sequences": (per_sequence(completion, sequence) > 0).sum(),
         }
 
     def forward(
@@ -117,6 +149,7 @@ class PLWTrainer(SFTTrainer):
             float(plw["prompt_loss_weight"]),
             *(counts[k] for k in COUNT_KEYS),
             sequence_level=bool(plw["sequence_level_loss"]),
+            sequence_ids=out["sequence"],
         )
 
 
@@ -143,4 +176,5 @@ class IRLTrainer(SFTTrainer):
             gamma=float(irl["gamma"]),
             prompt_loss_weight=float(plw["prompt_loss_weight"]),
             sequence_level=bool(plw["sequence_level_loss"]),
+            sequence_ids=out["sequence"],
         )

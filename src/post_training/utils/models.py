@@ -14,6 +14,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from post_training.data_sft.templates import TEMPLATES, ChatTemplate, resolve_template
 from post_training.utils.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,24 +57,35 @@ def _apply_special_tokens(tokenizer: PreTrainedTokenizerBase, special: dict[str,
         )
 
 
+def stop_token_ids(model_cfg: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """EOS plus the chat template's end-of-turn tokens (e.g. chatml's ``<|im_end|>``): generation
+    stops at any of them (the EOS-id patch of the generation config)."""
+    ids = [tokenizer.eos_token_id]
+    template = resolve_template(model_cfg.get("chat_template"))
+    if isinstance(template, ChatTemplate):
+        for token in template.bind(tokenizer.bos_token, tokenizer.eos_token).stop_tokens:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == tokenizer.unk_token_id:
+                log.warning("stop token %r of the chat template is not a single token", token)
+            elif token_id not in ids:
+                ids.append(token_id)
+    return ids
+
+
 def load_tokenizer(model_cfg: dict[str, Any]) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(
         model_cfg["tokenizer_name_or_path"], trust_remote_code=model_cfg["trust_remote_code"]
     )
     _apply_special_tokens(tokenizer, model_cfg.get("special_tokens") or {})
-    template = model_cfg.get("chat_template")
-    if template is not None:
-        if "{%" in template or "{{" in template:
-            tokenizer.chat_template = template
-        else:
-            raise ConfigError(
-                f"model.chat_template {template!r}: named templates arrive with the data-pipeline "
-                "issue; use null (the tokenizer's own) or a Jinja string."
-            )
+    template = resolve_template(model_cfg.get("chat_template"))
+    if isinstance(template, ChatTemplate):
+        tokenizer.chat_template = template.bind(tokenizer.bos_token, tokenizer.eos_token).to_jinja()
+    elif isinstance(template, str):
+        tokenizer.chat_template = template
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
             f"Tokenizer {model_cfg['tokenizer_name_or_path']} has no chat template: "
-            "set model.chat_template."
+            f"set model.chat_template (one of {sorted(TEMPLATES)}, a Jinja string or a mapping)."
         )
     tokenizer.padding_side = "right"
     return tokenizer
@@ -139,5 +151,8 @@ def load_model(model_cfg: dict[str, Any], tokenizer: PreTrainedTokenizerBase) ->
         setattr(model.config, name, value)
         if model.generation_config is not None:
             setattr(model.generation_config, name, value)
+    stops = stop_token_ids(model_cfg, tokenizer)
+    if model.generation_config is not None and len(stops) > 1:
+        model.generation_config.eos_token_id = stops
     log.info("Model %s: %.2fM parameters, dtype %s", path, model.num_parameters() / 1e6, dtype)
     return model
