@@ -213,10 +213,36 @@ def test_two_processes_equal_one_process_with_twice_the_batch(artifacts: Path) -
     assert proc.returncode == 0, proc.stderr[-5000:]
     (run_dir,) = run_dirs(artifacts, "two")
     assert (run_dir / "rank-1").is_dir(), "rank 1's Hydra dir is folded into the shared run dir"
+    # Only the main process tokenized; rank 1 waited and read the cache it wrote.
+    assert "train split: kept" in (run_dir / "train_sft.log").read_text()
+    rank1_log = next((run_dir / "rank-1").rglob("*.log")).read_text()
+    assert "Tokenized data from the cache" in rank1_log and "train split: kept" not in rank1_log
     assert read_metrics(run_dir)[0]["num_samples"] == 16
     ref, two = final_weights(artifacts, "one"), final_weights(artifacts, "two")
     for name in ref:
         torch.testing.assert_close(two[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_packed_training_learns_and_counts_tokens(artifacts: Path) -> None:
+    """Padding-free packing end to end: fewer, fuller rows; same task learned; the token budget
+    (num_training_tokens) sets the number of steps."""
+    args = [
+        "wandb.mode=disabled", "tensorboard=false", "job_subdir=packed",
+        "training_args.packing=true", "training_args.num_train_epochs=null",
+        "training_args.num_training_tokens=700000", "training_args.per_device_train_batch_size=2",
+        "trainer=plw", "trainer.plw_args.sequence_level_loss=true",
+    ]  # fmt: skip
+    run_entrypoint("train_sft", args, artifacts)
+    (run_dir,) = run_dirs(artifacts, "packed")
+    log = (run_dir / "train_sft.log").read_text()
+    assert "Packed 8000 train examples into" in log
+    events = [m for m in read_metrics(run_dir) if "loss" in m]
+    tokens = events[-1]["num_tokens"]
+    assert 650_000 <= tokens <= 750_000, tokens
+    (final,) = job_dir(artifacts, "packed").rglob("final-model")
+    result = json.loads((final / "eval-tiny-tasks.json").read_text())
+    print("packed", result["accuracy"], result["per_task"], "steps", events[-1]["step"])
+    assert result["accuracy"] >= 0.3
 
 
 @pytest.mark.parametrize("trainer", ["plw", "ln-plw", "irl"])

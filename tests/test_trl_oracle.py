@@ -55,7 +55,7 @@ def test_plw_matches_trl_sft_trainer(setup, plw: float, tmp_path: Path) -> None:
     trl_batch = trl.data_collator([prepared[i] for i in range(len(prepared))])
     examples = [tokenize_chat(r["messages"], tokenizer) for r in rows]
     assert [list(prepared[i]["input_ids"]) for i in range(len(rows))] == [
-        e["input_ids"] for e in examples
+        e["input_ids"].tolist() for e in examples
     ]
     model.eval()
     with torch.no_grad():

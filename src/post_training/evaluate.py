@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from post_training.data_sft.load import read_split
+from post_training.data_sft.load import read_eval_rows
 from post_training.utils.config import ConfigError, to_container
 from post_training.utils.models import torch_dtype
 
@@ -32,15 +32,11 @@ def _expected(row: dict[str, Any], dataset_cfg: dict[str, Any]) -> str:
     field = dataset_cfg.get("answer_field")
     if field and field in row:
         return str(row[field])
-    return next(
-        m["content"]
-        for m in reversed(row[dataset_cfg["messages_field"]])
-        if m["role"] == "assistant"
-    )
+    return next(m["content"] for m in reversed(row["messages"]) if m["role"] == "assistant")
 
 
 def _prompt(row: dict[str, Any], dataset_cfg: dict[str, Any]) -> list[dict[str, str]]:
-    messages = row[dataset_cfg["messages_field"]]
+    messages = row["messages"]
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     return messages[:last]
 
@@ -77,7 +73,7 @@ def generation_accuracy(
                 **enc,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )
             new = out[:, enc["input_ids"].shape[1] :]
@@ -131,7 +127,9 @@ def evaluate_checkpoint(
     model_path = Path(model_path)
     if not (model_path / "config.json").is_file():
         raise ConfigError(f"model_path {model_path}: no config.json (not a model checkpoint)")
-    rows = read_split(dataset_cfg, "eval")
+    rows = read_eval_rows(dataset_cfg)
+    if not rows:
+        raise ConfigError(f"dataset {dataset_cfg['name']}: no eval split to evaluate on")
     if max_examples:
         rows = rows[: int(max_examples)]
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -57,7 +57,12 @@ def run(cfg: DictConfig) -> int:
     run_ctx = setup_run(cfg, accelerator)
 
     tokenizer = load_tokenizer(run_ctx.config["model"])
-    data = load_sft_data(run_ctx.config["dataset"], tokenizer, int(cfg.model.max_seq_length))
+    data = load_sft_data(
+        run_ctx.config,
+        tokenizer,
+        accelerator.main_process_first,
+        packing=bool(cfg.training_args.packing),
+    )
     model = apply_peft(load_model(run_ctx.config["model"], tokenizer), run_ctx.config["model_args"])
     metrics = MetricsLogger(
         run_ctx.run_dir,

@@ -1,0 +1,229 @@
+"""Look at the SFT data the way training sees it.
+
+    python -m post_training.data_sft.inspect [dataset=...] [model=...] [split=train] num_samples=3
+    python -m post_training.data_sft.inspect mode=token_stats [dataset=...] [model=...]
+
+``mode=samples`` prints, for the first ``num_samples`` rows of the split, each stage: the raw row
+(single-source splits), the canonical messages, the templated text, and the tokens with the
+completion (trained) tokens marked ``[[...]]`` (green on a terminal).
+``mode=token_stats`` tokenizes the whole split with the training options and prints tokens per
+source, prompt / completion / total length percentiles, the generation ratio (completion / prompt
+tokens), packing efficiency at ``model.max_seq_length`` and drops per reason; it writes
+``token_stats.json`` and a histogram ``token_stats.png`` into the run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from post_training.data_sft.dataset import dataset_specs, load_train_eval
+from post_training.data_sft.load import iter_messages, tokenize_options
+from post_training.data_sft.packing import pack_examples, packing_efficiency
+from post_training.data_sft.sources import load_source
+from post_training.data_sft.templates import ChatTemplate, resolve_template
+from post_training.data_sft.tokenize import ChatEncoder, FilterReport
+from post_training.utils.config import ConfigError, register_resolvers, to_container
+from post_training.utils.models import load_tokenizer
+
+log = logging.getLogger(__name__)
+register_resolvers()
+
+PERCENTILES = (50, 90, 99, 100)
+
+
+def show_tokens(tokens: Sequence[str], completion: Sequence[int], color: bool) -> str:
+    """Tokens joined, with runs of completion tokens marked."""
+    open_, close = ("\x1b[32m", "\x1b[0m") if color else ("[[", "]]")
+    out, inside = [], False
+    for token, c in zip(tokens, completion, strict=True):
+        if c and not inside:
+            out.append(open_)
+        if not c and inside:
+            out.append(close)
+        inside = bool(c)
+        out.append(token)
+    if inside:
+        out.append(close)
+    return "".join(out)
+
+
+def _encoder(config: Mapping[str, Any]) -> tuple[Any, ChatEncoder, ChatTemplate | None]:
+    tokenizer = load_tokenizer(config["model"])
+    template = resolve_template(config["model"].get("chat_template"))
+    template = template if isinstance(template, ChatTemplate) else None
+    return tokenizer, ChatEncoder(tokenizer, template, tokenize_options(config)), template
+
+
+def _split(config: Mapping[str, Any], split: str) -> Any:
+    train, eval_ds, _ = load_train_eval(config["dataset"])
+    ds = train if split == "train" else eval_ds
+    if ds is None:
+        raise ConfigError(f"dataset {config['dataset']['name']} has no {split} split")
+    return ds
+
+
+def samples(config: Mapping[str, Any], split: str, num_samples: int) -> str:
+    tokenizer, encoder, _ = _encoder(config)
+    ds = _split(config, split)
+    spec = dataset_specs(config["dataset"])[0 if split == "train" else 1]
+    raw = load_source(spec) if isinstance(spec, Mapping) and "path" in spec else None
+    color = sys.stdout.isatty()
+    lines = []
+    for i in range(min(num_samples, len(ds))):
+        row = ds[i]
+        lines.append(f"=== {split} row {i} (source {row.get('source')}) ===")
+        if raw is not None:
+            lines.append("--- raw ---\n" + json.dumps(raw[i], ensure_ascii=False, default=str))
+        lines.append(
+            "--- messages ---\n"
+            + "\n".join(json.dumps(m, ensure_ascii=False) for m in row["messages"])
+        )
+        report = FilterReport()
+        examples, _ = encoder.encode([row["messages"]], f"{split} row {i}", report)
+        if not examples:
+            lines.append(f"--- dropped: {dict(report.dropped)} ---")
+            continue
+        ex = examples[0]
+        try:
+            text, _ = encoder.render(row["messages"], f"{split} row {i}")
+        except Exception as err:
+            text = f"<cannot render: {err}>"
+        lines.append("--- templated text ---\n" + text)
+        tokens = [tokenizer.decode([t]) for t in ex["input_ids"].tolist()]
+        n_c = int(ex["completion_mask"].sum())
+        lines.append(
+            f"--- tokens: {len(tokens)} ({len(tokens) - n_c} prompt, {n_c} completion "
+            f"{'green' if color else '[[marked]]'}) ---\n"
+            + show_tokens(tokens, ex["completion_mask"].tolist(), color)
+            + "\nids: "
+            + " ".join(map(str, ex["input_ids"].tolist()))
+        )
+    return "\n".join(lines)
+
+
+def _percentiles(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {f"p{p}": 0.0 for p in PERCENTILES}
+    return {f"p{p}": float(np.percentile(values, p)) for p in PERCENTILES}
+
+
+def token_stats(config: Mapping[str, Any], split: str) -> dict[str, Any]:
+    """Statistics of the tokenized split (see the module docstring)."""
+    _, encoder, _ = _encoder(config)
+    ds = _split(config, split)
+    report = FilterReport()
+    examples, index = encoder.encode(iter_messages(ds), f"dataset {split}", report)
+    sources = ds["source"] if "source" in ds.column_names else ["-"] * len(ds)
+    total = np.array([len(e["input_ids"]) for e in examples])
+    completion = np.array([int(e["completion_mask"].sum()) for e in examples])
+    prompt = total - completion
+    per_source: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for i, n, c in zip(index, total.tolist(), completion.tolist(), strict=True):
+        entry = per_source[sources[i]]
+        entry["examples"] += 1
+        entry["tokens"] += n
+        entry["completion_tokens"] += c
+    capacity = int(config["model"]["max_seq_length"])
+    packed, _ = pack_examples(examples, capacity) if examples else ([], [])
+    return {
+        "split": split,
+        "examples": len(examples),
+        "tokens": int(total.sum()),
+        "per_source": {k: dict(v) for k, v in sorted(per_source.items())},
+        "prompt_length": _percentiles(prompt),
+        "completion_length": _percentiles(completion),
+        "total_length": _percentiles(total),
+        "generation_ratio": float(completion.sum() / max(prompt.sum(), 1)),
+        "generation_ratio_per_example": _percentiles(completion / np.maximum(prompt, 1)),
+        "packing": {
+            "max_seq_length": capacity,
+            "bins": len(packed),
+            "efficiency": packing_efficiency(packed, capacity),
+            "padded_efficiency": float(total.sum() / max(len(total) * total.max(initial=1), 1)),
+        },
+        "filters": report.as_dict(),
+        "_lengths": {"prompt": prompt, "completion": completion, "total": total},
+    }
+
+
+def write_histogram(lengths: Mapping[str, np.ndarray], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 3.5))
+    for ax, (name, values) in zip(np.atleast_1d(axes), lengths.items(), strict=True):
+        ax.hist(values, bins=50, color="tab:blue")
+        ax.set_title(f"{name} tokens")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("examples")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_stats(stats: Mapping[str, Any]) -> str:
+    def pct(d: Mapping[str, float]) -> str:
+        return " ".join(f"{k}={v:.0f}" for k, v in d.items())
+
+    lines = [
+        f"{stats['split']}: {stats['examples']} examples, {stats['tokens']} tokens",
+        "tokens per source:",
+        *(
+            f"  {name}: {v['examples']} examples, {v['tokens']} tokens "
+            f"({v['completion_tokens']} completion)"
+            for name, v in stats["per_source"].items()
+        ),
+        f"prompt length      {pct(stats['prompt_length'])}",
+        f"completion length  {pct(stats['completion_length'])}",
+        f"total length       {pct(stats['total_length'])}",
+        f"generation ratio (completion/prompt tokens): {stats['generation_ratio']:.3f}",
+        f"packing at {stats['packing']['max_seq_length']}: {stats['packing']['bins']} bins, "
+        f"{100 * stats['packing']['efficiency']:.1f}% full "
+        f"(padded batches of the longest: {100 * stats['packing']['padded_efficiency']:.1f}%)",
+        f"drops per reason: {stats['filters']['dropped'] or 'none'}",
+    ]
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | str:
+    config = to_container(cfg)
+    split = config["split"]
+    if split not in ("train", "eval"):
+        raise ConfigError(f"split must be train or eval, got {split!r}")
+    if config["mode"] == "samples":
+        out = samples(config, split, int(config["num_samples"]))
+        print(out, flush=True)
+        return out
+    if config["mode"] != "token_stats":
+        raise ConfigError(f"mode must be samples or token_stats, got {config['mode']!r}")
+    stats = token_stats(config, split)
+    lengths = stats.pop("_lengths")
+    run_dir = Path(config["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "token_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_histogram(lengths, run_dir / "token_stats.png", f"{config['dataset']['name']} {split}")
+    print(format_stats(stats), flush=True)
+    print(f"Written {run_dir / 'token_stats.json'} and {run_dir / 'token_stats.png'}", flush=True)
+    return stats
+
+
+@hydra.main(config_path="../configs", config_name="data-inspect", version_base=None)
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Format transforms to canonical messages, their validation errors, and user transforms."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+
+from post_training.data_sft.messages import DataError
+from post_training.data_sft.mixture import load_dataset_split
+from post_training.data_sft.transforms import (
+    TRANSFORMS,
+    apply_transform,
+    get_transform,
+    register_transform,
+)
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+def system(text: str) -> dict[str, str]:
+    return {"role": "system", "content": text}
+
+
+def run(name: str, row: dict, **args) -> list[dict[str, str]]:
+    return apply_transform(Dataset.from_list([row]), name, args)[0]["messages"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_messages_drops_extra_keys_and_maps_roles() -> None:
+    row = {
+        "chat": [
+            {"role": "developer", "content": "Be brief.", "name": "x"},
+            user("hi"),
+            assistant("hello"),
+        ]
+    }
+    assert run("messages", row, field="chat", role_map={"developer": "system"}) == [
+        system("Be brief."),
+        user("hi"),
+        assistant("hello"),
+    ]
+
+
+def test_sharegpt_maps_roles_with_overrides_and_system_field() -> None:
+    row = {
+        "conversations": [
+            {"from": "human", "value": "q1"},
+            {"from": "gpt", "value": "a1"},
+            {"from": "user", "value": "q2"},
+            {"from": "bot", "value": "a2"},
+        ],
+        "sys": "Be nice.",
+    }
+    assert run("sharegpt", row, role_map={"bot": "assistant"}, system_field="sys") == [
+        system("Be nice."),
+        user("q1"),
+        assistant("a1"),
+        user("q2"),
+        assistant("a2"),
+    ]
+    with pytest.raises(DataError, match=r"field 'conversations\[3\].from': unknown role 'bot'"):
+        run("sharegpt", row)
+
+
+def test_alpaca_with_and_without_input_and_system_prompt() -> None:
+    with_input = {"instruction": "Translate.", "input": "bonjour", "output": "hello"}
+    assert run("alpaca", with_input) == [user("Translate.\n\nbonjour"), assistant("hello")]
+    for empty in ({"input": ""}, {"input": None}, {}):
+        row = {"instruction": "Say hi.", "output": "hi", **empty}
+        assert run("alpaca", row) == [user("Say hi."), assistant("hi")]
+    assert run("alpaca", with_input, system_prompt="You translate.")[0] == system("You translate.")
+
+
+def test_prompt_completion_plain_and_conversational() -> None:
+    assert run("prompt_completion", {"prompt": "2+2=", "completion": "4"}) == [
+        user("2+2="),
+        assistant("4"),
+    ]
+    conversational = {
+        "prompt": [system("Be exact."), user("2+2?")],
+        "completion": [assistant("4")],
+    }
+    assert run("prompt_completion", conversational) == [
+        system("Be exact."),
+        user("2+2?"),
+        assistant("4"),
+    ]
+    bad = {"prompt": [user("2+2?")], "completion": [user("4")]}
+    with pytest.raises(DataError, match=r"completion\[0\].role': completion messages must be"):
+        run("prompt_completion", bad)
+
+
+def test_qa_auto_detects_fields_or_takes_them() -> None:
+    assert run("qa", {"question": "q", "answer": "a"}) == [user("q"), assistant("a")]
+    assert run("qa", {"input": "i", "output": "o"}) == [user("i"), assistant("o")]
+    assert run("qa", {"ask": "q", "say": "a"}, question_field="ask", answer_field="say") == [
+        user("q"),
+        assistant("a"),
+    ]
+    with pytest.raises(DataError, match="looked for question/answer or input/output"):
+        run("qa", {"foo": "x"})
+
+
+def test_text_is_one_text_message(tmp_path: Path) -> None:
+    assert run("text", {"text": "Once upon a time."}) == [
+        {"role": "text", "content": "Once upon a time."}
+    ]
+    doc = tmp_path / "doc.txt"
+    doc.write_text("line one\nline two\n")
+    ds, _ = load_dataset_split({"path": str(doc), "transform": "text"})
+    assert ds[0]["messages"] == [{"role": "text", "content": "line one\nline two\n"}]
+
+
+def test_keep_columns_from_row_or_transform_output_and_source() -> None:
+    ds = Dataset.from_list([{"messages": [user("q"), assistant("a")], "answer": "a"}])
+    out = apply_transform(ds, "messages", keep_columns=["answer", "task"], source="mine")
+    assert out[0] == {
+        "messages": [user("q"), assistant("a")],
+        "source": "mine",
+        "answer": "a",
+        "task": None,
+    }
+
+
+def test_missing_field_names_file_line_field_and_fields_present(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "alpaca.jsonl",
+        [
+            {"instruction": "a", "input": "", "output": "b"},
+            {"instruction": "c", "input": "d", "outptu": "e"},
+        ],
+    )
+    with pytest.raises(DataError) as err:
+        load_dataset_split({"path": str(path), "transform": "alpaca"}, where="dataset.train")
+    text = str(err.value)
+    assert f"{path}:2" in text
+    assert "field 'output': missing field" in text
+    assert "fields present: instruction, input, outptu" in text
+    assert "dataset.train" in text
+
+
+def test_row_index_named_for_a_saved_dataset(tmp_path: Path) -> None:
+    saved = tmp_path / "saved"
+    Dataset.from_list([{"messages": [user("q"), assistant("a")]}, {"messages": None}]).save_to_disk(
+        str(saved)
+    )
+    with pytest.raises(DataError, match=r"saved\[train\] row 1: field 'messages': missing field"):
+        load_dataset_split({"path": str(saved)})
+
+
+@pytest.mark.parametrize(
+    "messages,message",
+    [
+        ([user("q"), {"role": "assistant", "content": 3}], "field 'messages[1].content' is a num"),
+        ([user("q"), {"role": "bot", "content": "a"}], "field 'messages[1].role': unknown role"),
+        ([user("q")], "no assistant message to train on"),
+        ([{"role": "text", "content": "a"}, user("b")], "'text' message must be the only"),
+    ],
+)
+def test_bad_messages_name_row_and_field(tmp_path: Path, messages: list, message: str) -> None:
+    good = {"messages": [user("q"), assistant("a")]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [good, {"messages": messages}])
+    with pytest.raises(DataError) as err:
+        load_dataset_split({"path": str(path)})
+    assert f"{path}:2" in str(err.value)
+    assert message in str(err.value)
+
+
+def test_unknown_transform_lists_the_available_ones() -> None:
+    with pytest.raises(DataError) as err:
+        get_transform("alpacca")
+    for name in ("alpaca", "messages", "prompt_completion", "qa", "sharegpt", "text"):
+        assert name in str(err.value)
+
+
+def test_register_transform_refuses_a_taken_name() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_transform("alpaca")(lambda row: row)
+
+
+@pytest.fixture
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    (tmp_path / "my_transforms.py").write_text(
+        textwrap.dedent(
+            """
+            from post_training.data_sft.transforms import register_transform
+
+
+            @register_transform("test_upper_qa")
+            def upper_qa(row, suffix=""):
+                return {"messages": [
+                    {"role": "user", "content": row["q"].upper()},
+                    {"role": "assistant", "content": row["a"] + suffix},
+                ]}
+
+
+            def reversed_qa(row):
+                return {"messages": [
+                    {"role": "user", "content": row["a"]},
+                    {"role": "assistant", "content": row["q"]},
+                ], "task": "reversed"}
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_transforms"
+
+
+def test_user_transform_registered_from_a_module(tmp_path: Path, user_module: str) -> None:
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"q": "hi", "a": "yo"}])
+    spec = {
+        "path": str(path),
+        "transform": "test_upper_qa",
+        "transform_module": user_module,
+        "transform_args": {"suffix": "!"},
+    }
+    ds, _ = load_dataset_split(spec)
+    assert ds[0]["messages"] == [user("HI"), assistant("yo!")]
+    assert "test_upper_qa" in TRANSFORMS
+    # Rows share one schema: a key missing from a row reads as None.
+    write_jsonl(path, [{"q": "hi", "a": "yo"}, {"question": "x"}])
+    with pytest.raises(DataError) as err:
+        load_dataset_split(spec)
+    assert "qa.jsonl:2: transform 'test_upper_qa' failed with AttributeError" in str(err.value)
+    assert "(fields present: question)" in str(err.value)
+
+
+def test_user_transform_by_import_path(tmp_path: Path, user_module: str) -> None:
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"q": "hi", "a": "yo"}])
+    spec = {"path": str(path), "transform": f"{user_module}:reversed_qa", "keep_columns": ["task"]}
+    ds, _ = load_dataset_split(spec)
+    assert ds[0]["messages"] == [user("yo"), assistant("hi")]
+    assert ds[0]["task"] == "reversed"
+    with pytest.raises(DataError, match="has no function 'nope'"):
+        load_dataset_split({**spec, "transform": f"{user_module}:nope"})
