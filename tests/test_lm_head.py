@@ -56,7 +56,7 @@ def test_chunked_head_equals_plain_values_and_gradients() -> None:
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         results.append((out, grads))
     (plain, g_plain), (chunked, g_chunked) = results
-    for key in ("logps", "lse", "correct"):
+    for key in ("logps", "lse", "correct", "logit_mean"):
         torch.testing.assert_close(chunked[key], plain[key], rtol=1e-5, atol=1e-5)
     for name in g_plain:
         torch.testing.assert_close(g_chunked[name], g_plain[name], rtol=1e-4, atol=1e-6)

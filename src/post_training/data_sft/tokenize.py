@@ -197,13 +197,39 @@ class ChatEncoder:
             return self.template.render(messages)
         return _render_with_tokenizer(self.tokenizer, messages, where)
 
+    def render_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The conversation so far plus the generation prompt (what a reply continues)."""
+        if self.template is not None:
+            return self.template.render(messages, add_generation_prompt=True)[0]
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+
+    def _only_after_prompt(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        train_from: int,
+        text: str,
+        spans: list[tuple[int, int]],
+        where: str,
+    ) -> list[tuple[int, int]]:
+        """Spans of the replies after ``messages[:train_from]`` (preference completions)."""
+        prompt, _ = fix_roles(messages[:train_from], self.options, where)
+        prompt_text = self.render_prompt(prompt)
+        if not text.startswith(prompt_text):
+            raise DataError(f"{where}: the rendered prompt is not a prefix of the conversation")
+        return [span for span in spans if span[0] >= len(prompt_text)]
+
     def encode(
         self,
-        conversations: Iterable[Sequence[Mapping[str, Any]]],
+        conversations: Iterable[Sequence[Mapping[str, Any]] | tuple[Sequence[Any], int]],
         where: str = "dataset",
         report: FilterReport | None = None,
     ) -> tuple[list[dict[str, np.ndarray]], list[int]]:
-        """Tokenized examples and, for each, the index of its conversation in the input."""
+        """Tokenized examples and, for each, the index of its conversation in the input.
+
+        An item ``(messages, train_from)`` trains only the replies after
+        ``messages[:train_from]`` (a preference prompt may hold earlier assistant turns)."""
         report = report if report is not None else FilterReport()
         examples: list[dict[str, np.ndarray]] = []
         kept_index: list[int] = []
@@ -224,7 +250,8 @@ class ChatEncoder:
             spans.clear()
             indices.clear()
 
-        for index, messages in enumerate(conversations):
+        for index, item in enumerate(conversations):
+            messages, train_from = item if isinstance(item, tuple) else (item, 0)
             report.total += 1
             row_where = f"{where}: row {index}"
             try:
@@ -232,6 +259,8 @@ class ChatEncoder:
                     raise _Skip("empty")
                 fixed, merged = fix_roles(messages, self.options, row_where)
                 text, sp = self.render(fixed, row_where)
+                if train_from:
+                    sp = self._only_after_prompt(messages, train_from, text, sp, row_where)
             except _Skip as skip:
                 report.dropped[skip.reason] += 1
                 continue

@@ -36,15 +36,21 @@ def chunkable_head(model: nn.Module) -> nn.Linear | None:
 
 @contextmanager
 def logprob_head(head: nn.Linear, targets: torch.Tensor, chunk_size: int) -> Iterator[None]:
-    """Within the block, ``head(hidden)`` returns [B, T, 3] = (logps, lse, correct) for
-    ``targets`` [B, T] (already aligned to the predictions; -100 ignored)."""
+    """Within the block, ``head(hidden)`` returns [B, T, 4] = (logps, lse, correct, logit_mean)
+    for ``targets`` [B, T] (already aligned to the predictions; -100 ignored). ``logit_mean``
+    (the mean logit over the vocabulary, a metric) is linear in the hidden state:
+    ``hidden · Σ_v W_v / V + mean(bias)``, so it needs no logits either."""
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         b, t, h = hidden.shape
-        out = chunked_logps_and_lse(
-            hidden.reshape(-1, h), head.weight, targets.reshape(-1), chunk_size, head.bias
-        )
-        return torch.stack(out, dim=-1).view(b, t, 3)
+        flat = hidden.reshape(-1, h)
+        out = chunked_logps_and_lse(flat, head.weight, targets.reshape(-1), chunk_size, head.bias)
+        with torch.no_grad():
+            weight = head.weight.float()
+            mean = flat.float() @ (weight.sum(0) / weight.shape[0])
+            if head.bias is not None:
+                mean = mean + head.bias.float().mean()
+        return torch.stack([*out, mean.to(out[0].dtype)], dim=-1).view(b, t, 4)
 
     head.forward = forward  # type: ignore[method-assign]
     try:

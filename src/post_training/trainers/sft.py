@@ -63,14 +63,18 @@ def sft_forward(
     head = chunkable_head(model) if chunk_size > 0 else None
     if head is not None:
         with logprob_head(head, shift_labels(tokens, IGNORE_INDEX), chunk_size):
-            logps, lse, correct = model(**inputs).logits.unbind(-1)
+            logps, lse, correct, logit_mean = model(**inputs).logits.unbind(-1)
     else:
-        logps, lse, correct = next_token_logps_and_lse(model(**inputs).logits, tokens)
+        logits = model(**inputs).logits
+        logps, lse, correct = next_token_logps_and_lse(logits, tokens)
+        logit_mean = logits.detach().float().mean(-1)
+        del logits
     ids = sequence_ids(batch)
     return {
         "logps": logps,
         "lse": lse,
         "correct": correct,
+        "logit_mean": logit_mean,
         "target": shift_labels(valid, 0),
         "prompt": shift_labels(batch["prompt_mask"], 0),
         "completion": shift_labels(batch["completion_mask"], 0),
