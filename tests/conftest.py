@@ -79,8 +79,8 @@ def job_dir(
     return artifacts / subdir / "outputs" / entrypoint / job
 
 
-def run_dirs(artifacts: Path, job: str) -> list[Path]:
-    return sorted((job_dir(artifacts, job) / "runs").iterdir())
+def run_dirs(artifacts: Path, job: str, entrypoint: str = "train_sft") -> list[Path]:
+    return sorted((job_dir(artifacts, job, entrypoint) / "runs").iterdir())
 
 
 @pytest.fixture

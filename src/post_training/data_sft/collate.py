@@ -15,7 +15,8 @@ PAD_VALUES = {"input_ids": None, "labels": IGNORE_INDEX, "prompt_mask": 0, "comp
 def pad_collate(
     examples: Sequence[dict[str, Sequence[int]]], pad_token_id: int
 ) -> dict[str, torch.Tensor]:
-    """Pad to the longest example; adds ``attention_mask`` (1 on real tokens).
+    """Pad to the longest example; adds ``attention_mask`` (1 on real tokens). Per-example
+    scalars (e.g. a pair's precomputed reference log-probs) are stacked as [B] tensors.
 
     Packed examples carry ``position_ids``; their padding gets positions ``0, 1, ...`` so it
     forms a document of its own that no real token attends to.
@@ -35,6 +36,9 @@ def pad_collate(
             if key == "position_ids":
                 out[row, len(values) :] = np.arange(length - len(values))
         batch[key] = torch.from_numpy(out)
+    for key in examples[0]:
+        if key not in keys and np.ndim(examples[0][key]) == 0:  # per-example scalars
+            batch[key] = torch.tensor(np.array([e[key] for e in examples]))
     attention = np.zeros((size, length), dtype=np.int64)
     for row, example in enumerate(examples):
         attention[row, : len(example["input_ids"])] = 1
