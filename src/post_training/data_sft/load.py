@@ -125,8 +125,7 @@ def _load_split(directory: Path) -> tuple[list[dict[str, np.ndarray]], list[int]
         bounds = np.concatenate([[0], np.cumsum(arrays["lengths"])])
         index = arrays["index"].tolist()
     examples = [
-        make_example(ids[a:b], completion[a:b])
-        for a, b in itertools.pairwise(bounds.tolist())
+        make_example(ids[a:b], completion[a:b]) for a, b in itertools.pairwise(bounds.tolist())
     ]
     return examples, index
 

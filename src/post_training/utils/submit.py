@@ -16,6 +16,7 @@ literally.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import math
 import os
@@ -127,14 +128,29 @@ def _escape_quoted(text: str) -> str:
     return re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)
 
 
+@functools.cache
+def _override_parser() -> Any:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create()
+
+
+def _bare_is_itself(text: str) -> bool:
+    """Hydra reads ``text`` unquoted as this very string (not null, a bool or a number)."""
+    if not _HYDRA_PLAIN.fullmatch(text):
+        return False
+    value = _override_parser().parse_override(f"key={text}").value()
+    return isinstance(value, str) and value == text
+
+
 def hydra_value(value: Any) -> str:
     """A Python value as the right-hand side of a Hydra override.
 
     ``None`` -> ``null``, booleans -> ``true``/``false``, numbers as Python writes them,
-    lists -> ``[a,b]``, dicts -> ``{k:v}``. A string made only of letters, digits and
-    ``_./@:+-`` is written bare (so ``model=tiny`` picks a config group and ``1e-3`` is a float,
-    as on the command line); any other string is single-quoted and escaped, so it arrives as
-    exactly that string (spaces, quotes, ``$``, ``${...}``, ``;``, ``,``, ``=``, backslashes).
+    lists -> ``[a,b]``, dicts -> ``{k:v}``. A string always arrives as exactly that string: bare
+    when Hydra reads it back unchanged (``model=tiny``, ``/data/x.jsonl``), otherwise
+    single-quoted and escaped (spaces, quotes, ``$``, ``${...}``, ``;``, ``,``, ``=``,
+    backslashes, and strings such as ``"null"``, ``"true"`` or ``"1e-3"``).
     """
     if value is None:
         return "null"
@@ -161,7 +177,7 @@ def hydra_value(value: Any) -> str:
         value = os.fspath(value)
     if not isinstance(value, str):
         raise SubmitError(f"cannot write {type(value).__name__} {value!r} as a Hydra value")
-    if _HYDRA_PLAIN.fullmatch(value):
+    if _bare_is_itself(value):
         return value
     return "'" + _escape_quoted(value) + "'"
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Alignment data stage `compute_rewards` (SLURM submit generator).
+
+Reward-model scores of the completions, per partition. Targets the future entrypoint
+(issue 6, not built yet):
+`python -m post_training.data_alignment.compute_rewards`.
+Copy the whole alignment/0-template folder, edit ../experiment.py and this file, then
+
+    python <folder>/compute_rewards/generate_submit.py [--dry-run]
+    bash <folder>/compute_rewards/<PREFIX>-<YYYY-MM-DD-HH-MM>/submit.sh
+
+Partitioned stages are SLURM job arrays: task i runs partition.index=i of partition.count, and
+each task requeues itself alone until it completes. Run the stages in order, each once the
+previous one has completed.
+"""
+
+import sys
+from pathlib import Path
+
+from post_training.utils.submit import generate_alignment
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import experiment  # ../experiment.py: the settings shared by the stages
+
+STAGE = "compute_rewards"
+TIME = "04:00:00"  # wall time of one attempt
+PARTITIONS = experiment.PARTITIONS
+HYPERPARAMETERS = {}  # e.g. {"reward_model": ["skywork-reward-8b"]}
+OVERRIDES = {}  # the same for every job of this stage
+
+
+def main(argv=None):
+    return generate_alignment(
+        __file__,
+        stage=STAGE,
+        prefix=experiment.PREFIX,
+        time=TIME,
+        models=experiment.MODELS,
+        datasets=experiment.DATASETS,
+        hyperparameters=HYPERPARAMETERS,
+        partitions=PARTITIONS,
+        artifacts_subdir=experiment.ARTIFACTS_SUBDIR,
+        overrides=OVERRIDES,
+        env=experiment.ENV,
+        argv=argv,
+    )
+
+
+if __name__ == "__main__":
+    main()
