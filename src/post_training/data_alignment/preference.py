@@ -13,6 +13,7 @@ tokens (``chosen`` / ``rejected`` and their end-of-turn token) are completion to
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 import random
@@ -110,22 +111,34 @@ def _wrong_answer(answer: str, rng: random.Random) -> str:
     return answer[:i] + ("a" if answer[i] != "a" else "b") + answer[i + 1 :]
 
 
+def tiny_task_reward(prediction: str, answer: str, partial: bool = True) -> float:
+    """Reward of a tiny-task answer: 1 when exact; else, with ``partial``, half the character
+    similarity (``difflib`` ratio), so that wrong answers are ranked and quantiles spread."""
+    prediction, answer = prediction.strip(), answer.strip()
+    if prediction == answer:
+        return 1.0
+    if not partial:
+        return 0.0
+    return 0.5 * difflib.SequenceMatcher(None, prediction, answer).ratio()
+
+
 @register_preference_transform("tiny_task_pairs")
-def tiny_task_pairs(row: Mapping[str, Any], seed: int = 0) -> dict[str, Any]:
+def tiny_task_pairs(row: Mapping[str, Any], seed: int = 0, partial: bool = True) -> dict[str, Any]:
     """Pairs from an embedded tiny-tasks row: the correct final answer vs a wrong one (rewards
-    1 and 0), deterministic per prompt and seed."""
+    from :func:`tiny_task_reward`), deterministic per prompt and seed."""
     messages = row.get("messages")
     if not messages or messages[-1]["role"] != "assistant":
         raise DataError("field 'messages' must end with an assistant turn")
     answer = messages[-1]["content"]
     key = f"{seed}:{[m['content'] for m in messages]}".encode()
     rng = random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
+    wrong = _wrong_answer(answer, rng)
     out: dict[str, Any] = {
         "prompt": [dict(m) for m in messages[:-1]],
         "chosen": [{"role": "assistant", "content": answer}],
-        "rejected": [{"role": "assistant", "content": _wrong_answer(answer, rng)}],
+        "rejected": [{"role": "assistant", "content": wrong}],
         "chosen_reward": 1.0,
-        "rejected_reward": 0.0,
+        "rejected_reward": tiny_task_reward(wrong, answer, partial),
     }
     return out
 

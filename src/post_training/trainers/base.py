@@ -292,7 +292,7 @@ class Trainer(ABC):
 
             if step % int(args["logging_steps"]) == 0 or step == state.total_steps or stop_now:
                 self._log_train(window, grad_norm, lr)
-            if args.get("eval_steps") and step % int(args["eval_steps"]) == 0:
+            if self.eval_data and args.get("eval_steps") and step % int(args["eval_steps"]) == 0:
                 self.metrics.log(self.evaluate_loss(), step)
                 evaluated_at = step
             every = args.get("inference_checkpoint_steps")
