@@ -242,7 +242,7 @@ class ChatEncoder:
                 texts, add_special_tokens=False
             )
             for enc, sp, index in zip(encodings, spans, indices, strict=True):
-                example = self._example(enc.ids, enc.offsets, sp, report)
+                example = self._example(enc, sp, report)
                 if example is not None:
                     examples.append(example)
                     kept_index.append(index)
@@ -278,24 +278,34 @@ class ChatEncoder:
         report.kept = len(examples)
         return examples, kept_index
 
-    def _example(
-        self,
-        ids: list[int],
-        offsets: list[tuple[int, int]],
-        spans: list[tuple[int, int]],
-        report: FilterReport,
-    ) -> dict[str, np.ndarray] | None:
-        input_ids = np.asarray(ids, dtype=np.int64)
-        bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        starts, ends = bounds[:, 0], bounds[:, 1]
-        completion = np.zeros(len(ids), dtype=np.int64)
-        ends = np.maximum(ends, starts + 1)  # zero-width tokens count at their position
+    @staticmethod
+    def _completion_mask(
+        enc: Any, spans: list[tuple[int, int]], report: FilterReport
+    ) -> np.ndarray:
+        """1 on tokens overlapping a trained span: from the token holding its first character to
+        the one holding its last (``char_to_token``, no per-token offsets in Python); a subword
+        merged across a boundary is trained, so every completion character is, and reported."""
+        completion = np.zeros(len(enc), dtype=np.int64)
         for a, b in spans:
-            completion |= (starts < b) & (ends > a)
-            # A subword merged across a boundary is trained (every completion character is
-            # covered by a trained token), and reported.
-            report.boundary_tokens += int(((starts < a) & (ends > a)).sum())
-            report.boundary_tokens += int(((starts < b) & (ends > b)).sum())
+            first, last = enc.char_to_token(a), enc.char_to_token(b - 1)
+            if first is None or last is None:  # characters without a token: overlap via offsets
+                bounds = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+                starts, ends = bounds[:, 0], np.maximum(bounds[:, 1], bounds[:, 0] + 1)
+                completion |= (starts < b) & (ends > a)
+                report.boundary_tokens += int(((starts < a) & (ends > a)).sum())
+                report.boundary_tokens += int(((starts < b) & (ends > b)).sum())
+                continue
+            completion[first : last + 1] = 1
+            report.boundary_tokens += int(enc.token_to_chars(first)[0] < a)
+            report.boundary_tokens += int(enc.token_to_chars(last)[1] > b)
+        return completion
+
+    def _example(
+        self, enc: Any, spans: list[tuple[int, int]], report: FilterReport
+    ) -> dict[str, np.ndarray] | None:
+        ids = enc.ids
+        input_ids = np.array(ids, dtype=np.int64)
+        completion = self._completion_mask(enc, spans, report)
         if self.options.add_bos and (len(ids) == 0 or ids[0] != self.bos_id):
             input_ids = np.concatenate([[self.bos_id], input_ids])
             completion = np.concatenate([[0], completion])
