@@ -207,7 +207,8 @@ def test_two_processes_equal_one_process_with_twice_the_batch(artifacts: Path) -
         "--main_process_port", "29517", "-m", "post_training.train_sft",
     ]  # fmt: skip
     proc = subprocess.run(
-        [*launch, *base, "job_subdir=two", "training_args.per_device_train_batch_size=8"],
+        [*launch, *base, "job_subdir=two", "training_args.per_device_train_batch_size=8",
+         f"data.cache_dir={artifacts / 'cache-two'}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-5000:]
