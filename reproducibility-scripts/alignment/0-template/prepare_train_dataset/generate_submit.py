@@ -17,8 +17,6 @@ previous one has completed.
 import sys
 from pathlib import Path
 
-from post_training.utils.submit import generate_alignment
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import experiment  # ../experiment.py: the settings shared by the stages
 
@@ -30,19 +28,8 @@ OVERRIDES = {}  # the same for every job of this stage
 
 
 def main(argv=None):
-    return generate_alignment(
-        __file__,
-        stage=STAGE,
-        prefix=experiment.PREFIX,
-        time=TIME,
-        models=experiment.MODELS,
-        datasets=experiment.DATASETS,
-        hyperparameters=HYPERPARAMETERS,
-        partitions=PARTITIONS,
-        artifacts_subdir=experiment.ARTIFACTS_SUBDIR,
-        overrides=OVERRIDES,
-        env=experiment.ENV,
-        argv=argv,
+    return experiment.generate(
+        __file__, STAGE, TIME, PARTITIONS, HYPERPARAMETERS, OVERRIDES, argv=argv
     )
 
 
