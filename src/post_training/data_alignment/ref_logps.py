@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from post_training.data_sft.load import tokenize_options, tokenizer_fingerprint
 from post_training.utils.config import config_hash
@@ -66,3 +67,32 @@ def cached_reference_logps(
         os.replace(tmp, path)
         log.info("Reference log-probs of %d pairs written to %s", len(examples), path)
     return path
+
+
+@torch.no_grad()
+def summed_logps(
+    model: torch.nn.Module,
+    examples: list[dict[str, Any]],
+    pad_token_id: int,
+    batch_size: int,
+    chunk_size: int = 0,
+) -> np.ndarray:
+    """Summed completion log-probs under ``model``, with the forward and masks of training:
+    ``[n, 2]`` (chosen, rejected) for tokenized pairs (``encode_pairs``), ``[n]`` for single
+    tokenized conversations (``ChatEncoder.encode``)."""
+    from post_training.data_sft.collate import pad_collate
+    from post_training.trainers.preference import pair_statistics
+    from post_training.trainers.sft import sft_forward
+
+    model_device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(examples), batch_size):
+        batch = pad_collate(examples[start : start + batch_size], pad_token_id)
+        batch = {k: v.to(model_device) for k, v in batch.items()}
+        result = sft_forward(model, batch, chunk_size)
+        if "position_ids" in batch:
+            stats = pair_statistics(result, batch)
+            out.append(torch.stack([stats["chosen_logps"], stats["rejected_logps"]], -1))
+        else:
+            out.append((result["logps"] * result["completion"].to(result["logps"].dtype)).sum(-1))
+    return torch.cat(out).double().cpu().numpy()

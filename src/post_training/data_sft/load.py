@@ -72,7 +72,7 @@ def iter_messages(ds: Any) -> Iterator[list[dict[str, str]]]:
         yield from batch["messages"]
 
 
-def _spec_fingerprints(spec: Any) -> list[str]:
+def spec_fingerprints(spec: Any) -> list[str]:
     if not isinstance(spec, Mapping):
         return []
     if "sources" in spec:
@@ -97,8 +97,8 @@ def cache_key(config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> 
         {
             "version": CACHE_VERSION,
             "dataset": dataset,
-            "fingerprints": _spec_fingerprints(dataset.get("train"))
-            + _spec_fingerprints(dataset.get("eval")),
+            "fingerprints": spec_fingerprints(dataset.get("train"))
+            + spec_fingerprints(dataset.get("eval")),
             "chat_template": config["model"].get("chat_template"),
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "options": vars(options),

@@ -1,0 +1,115 @@
+"""Stage 3: summed reference log-probs of the chosen, rejected and reference completions.
+
+    python -m post_training.data_alignment.compute_ref_logprobs \
+        model.model_name_or_path=<reference checkpoint> model.init_from_config=false
+
+Tokenization, masks and forward are those of ``train_preference`` (same chat template, options
+and ``encode_pairs``), so ``train_preference`` can use the columns instead of loading a reference
+model: ``ref_chosen_logps`` / ``ref_rejected_logps`` for offline pairs, and
+``ref_completions_logps`` (one per reference completion; null where the completion does not fit)
+for pairs that ``prepare_train_dataset`` picks among the reference completions.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from accelerate import Accelerator
+from omegaconf import DictConfig
+
+from post_training.data_alignment.generate_ref_completions import model_identity
+from post_training.data_alignment.partitions import read_stage
+from post_training.data_alignment.preference import encode_pairs
+from post_training.data_alignment.ref_logps import summed_logps
+from post_training.data_alignment.stage import (
+    begin,
+    chat_encoder,
+    device,
+    now,
+    shard_map,
+    stage_output,
+)
+from post_training.data_sft.load import tokenizer_fingerprint
+from post_training.data_sft.messages import DataError
+from post_training.data_sft.tokenize import FilterReport
+from post_training.utils.models import load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+STAGE = "compute_ref_logprobs"
+
+
+def run(cfg: DictConfig) -> Path:
+    config, partition = begin(cfg)
+    options = config["ref_logprobs"]
+    source = read_stage(config["input"], "input")
+    settings = {
+        "model": model_identity(config["model"]),
+        "data": config["data"],
+        "ref_logprobs": options,
+    }
+    output = stage_output(config, STAGE, settings, [source.source])
+    if output.is_complete():
+        log.info("%s: %s is complete; skipping", STAGE, output.path)
+        return output.path
+    started = now()
+    rows = [dict(r) for r in partition.select(source.rows)]
+    where = f"input {config['input']}"
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    tokenizer = load_tokenizer(config["model"])
+    encoder = chat_encoder(config, tokenizer)
+    model = load_model(config["model"], tokenizer).to(device()).eval()
+    batch_size = int(options["batch_size"])
+    chunk = int(options.get("loss_chunk_size") or 0)
+
+    def score(examples: list[dict]) -> list:
+        return list(summed_logps(model, examples, tokenizer.pad_token_id, batch_size, chunk))
+
+    report: dict = {"tokenizer": tokenizer_fingerprint(tokenizer)}
+    paired = [r for r in rows if r.get("chosen") and r.get("rejected")]
+    if paired:
+        limit = options.get("max_prompt_length") or encoder.options.max_seq_length - 1
+        pair_report = FilterReport()
+        pairs = encode_pairs(paired, encoder, where, int(limit), pair_report)
+        for pair, (c, r) in zip(pairs, shard_map(pairs, score, accelerator), strict=True):
+            row = paired[int(pair["row_index"])]
+            row["ref_chosen_logps"], row["ref_rejected_logps"] = float(c), float(r)
+        report["pairs"] = {"scored": len(pairs), "filter": pair_report.as_dict()}
+    with_refs = [r for r in rows if r.get("ref_completions")] if options["completions"] else []
+    if with_refs:
+        conversations = [
+            ([*r["prompt"], {"role": "assistant", "content": text}], len(r["prompt"]))
+            for r in with_refs
+            for text in r["ref_completions"]
+        ]
+        ref_report = FilterReport()
+        examples, kept = encoder.encode(conversations, where, ref_report)
+        values = dict(zip(kept, shard_map(examples, score, accelerator), strict=True))
+        index = 0
+        for row in with_refs:
+            count = len(row["ref_completions"])
+            row["ref_completions_logps"] = [
+                float(values[i]) if i in values else None for i in range(index, index + count)
+            ]
+            index += count
+        report["ref_completions"] = {"scored": len(kept), "filter": ref_report.as_dict()}
+    if not paired and not with_refs:
+        raise DataError(
+            f"{where}: nothing to score: no row has chosen + rejected or ref_completions"
+        )
+    if not accelerator.is_main_process:
+        return output.path
+    return output.write(
+        rows, settings=settings, inputs=[source.source], report=report, started=started
+    )
+
+
+@hydra.main(config_path="../configs", config_name="compute-ref-logprobs", version_base=None)
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
