@@ -184,7 +184,9 @@ def run(cfg: DictConfig) -> Path:
             raise DataError(
                 f"prepare.inputs '{spec['name']}': {k} pairs requested, it has {len(pairs)}"
             )
-        mixed += [pairs[i] for i in sample_indices(len(pairs), k, source_rng(seed, spec["name"]))]
+        if k:
+            picked = sample_indices(len(pairs), k, source_rng(seed, spec["name"]))
+            mixed += [pairs[i] for i in picked]
         report[spec["name"]]["selected"] = k
     if options.get("shuffle", True):
         order = source_rng(seed, "\0shuffle").permutation(len(mixed))
