@@ -185,7 +185,7 @@ def test_generation_is_reproducible_per_prompt(artifacts: Path) -> None:
     )
     assert (parts[1] / "rows.jsonl").stat().st_mtime_ns == mtime
     # Another seed into the same partitions is refused (never mixed), unless overwrite.
-    with pytest.raises(ConfigError, match="differing configs|overwrite=true"):
+    with pytest.raises(ConfigError, match=r"differing configs|overwrite=true"):
         stage(
             "generate_ref_completions",
             artifacts,
@@ -273,7 +273,7 @@ def test_reward_registry() -> None:
     assert REWARD_FUNCTIONS["exact_match"](" 12 ", {"answer": "12"}) == 1.0
     assert REWARD_FUNCTIONS["exact_match"]("13", {"answer": "12"}) == 0.0
     assert resolve_reward_function("post_training.data_alignment.rewards:exact_match")
-    with pytest.raises(ConfigError, match="not registered; registered: .*exact_match"):
+    with pytest.raises(ConfigError, match=r"not registered; registered: .*exact_match"):
         resolve_reward_function("nope")
     with pytest.raises(ValueError, match="already registered"):
         register_reward("test_length")(lambda c, r: 0.0)
@@ -333,7 +333,7 @@ def test_missing_completions_are_an_error(artifacts: Path, tmp_path: Path) -> No
     rows = [json.loads(x) for x in _rows_file(tmp_path).read_text().splitlines()]
     del rows[1]["ref_completions"]
     bad = _jsonl(tmp_path / "uneven.jsonl", rows)
-    with pytest.raises(DataError, match="missing or uneven .*first row without any: 'r1'"):
+    with pytest.raises(DataError, match=r"missing or uneven .*first row without any: 'r1'"):
         stage("compute_rewards", artifacts, f"input={bad}")
 
 
@@ -419,7 +419,8 @@ def test_prepare_pairs_quantiles_and_mixing(artifacts: Path, tmp_path: Path) -> 
             "output_dir=${alignment.dir}/m",
         )
     mix = [
-        f"prepare.inputs=[{{name: a, path: '{rewarded}', count: 1}},{{name: b, path: '{rewarded}'}}]",
+        f"prepare.inputs=[{{name: a, path: '{rewarded}', count: 1}},"
+        f"{{name: b, path: '{rewarded}'}}]",
         "prepare.pairs=[best_worst,offline]",
     ]
     whole = rows_of(

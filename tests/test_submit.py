@@ -130,9 +130,9 @@ def test_hydra_value_plain_and_typed() -> None:
         hydra_override("bad key", 1)
 
 
-def _composed(overrides: list[str]) -> dict:
+def _composed(overrides: list[str], config: str = "train-sft") -> dict:
     with initialize_config_dir(str(CONFIGS_DIR), version_base=None):
-        return to_container(compose("train-sft", overrides=overrides))
+        return to_container(compose(config, overrides=overrides))
 
 
 def test_nasty_strings_reach_the_resolved_config_verbatim() -> None:
@@ -198,16 +198,9 @@ def test_array_interpolations_resolve_from_the_task_id(monkeypatch: pytest.Monke
     overrides = dict(arg.split("=", 1) for arg in run.args[4:])
     assert overrides["partition.count"] == "4"
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
-    # partition.* belongs to the (future) data_alignment configs: check the same values on
-    # keys of train-sft instead.
-    resolved = _composed(
-        [
-            f"seed={overrides['partition.index']}",
-            f"job_subdir={overrides['job_subdir']}",
-            f"wandb.run_name={overrides['wandb.run_name']}",
-        ]
-    )
-    assert resolved["seed"] == 3
+    # Every override the generator writes is accepted by the stage's own config.
+    resolved = _composed(list(run.args[4:]), "generate-ref-completions")
+    assert resolved["partition"] == {"index": 3, "count": 4}
     assert resolved["job_subdir"] == ("exp/generate_ref_completions_tiny_tiny-tasks/partition-3")
     assert resolved["wandb"]["run_name"] == "generate_ref_completions_tiny_tiny-tasks-partition-3"
     line = sbatch_line(run, Path("/x/out"), "1:00:00")
@@ -395,3 +388,22 @@ def test_retry_log_names(path: str, attempt: int, expected: str) -> None:
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert proc.stdout == expected + "\n"
+
+
+def test_every_alignment_stage_config_takes_its_generated_overrides(monkeypatch) -> None:
+    """The generator and the stage entrypoints agree: each run's overrides compose."""
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    for stage in submit.ALIGNMENT_STAGES:
+        (run,) = submit.alignment_runs(
+            stage=stage,
+            prefix="exp",
+            models=[Model("tiny")],
+            datasets=["tiny-tasks"],
+            hyperparameters={},
+            partitions=2,
+            artifacts_subdir="shared",
+        )
+        resolved = _composed(list(run.args[4:]), stage.replace("_", "-"))
+        assert resolved["entrypoint"] == stage
+        assert resolved["partition"]["count"] == 2
+        assert resolved["output_dir"].endswith(f"shared/alignment-data/tiny-tasks/tiny/{stage}")

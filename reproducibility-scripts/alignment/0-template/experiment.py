@@ -1,8 +1,9 @@
 """Settings shared by the alignment data stages of this experiment.
 
 Each stage folder's generate_submit.py imports this file; edit it once per experiment. The
-stages target the alignment data pipeline's entrypoints
-``post_training.data_alignment.<stage>`` (being built: issue 6).
+stages run the alignment data pipeline's entrypoints ``post_training.data_alignment.<stage>``;
+every stage writes ``artifacts/<ARTIFACTS_SUBDIR>/alignment-data/<dataset>/<model>/<stage>/`` and
+reads the previous stage's output there (see ``src/post_training/configs/alignment-data.yaml``).
 """
 
 from post_training.utils.submit import Model, generate_alignment
@@ -11,7 +12,10 @@ PREFIX = "alignment-template"  # names submit folders, job_subdirs and a wandb t
 ARTIFACTS_SUBDIR = "shared"
 MODELS = [  # the policy / reference model whose completions and log-probs are computed
     Model("tiny", nodes=1, accelerate="cpu"),
-    # Model("llama-3.1-8b-instruct", nodes=1, accelerate="ddp"),
+    # The reference is usually your SFT checkpoint:
+    # Model("llama-3.1-8b-instruct", nodes=1, accelerate="ddp", overrides={
+    #     "model.model_name_or_path": "<sft final-model>", "model.init_from_config": False}),
+    # With several processes (ddp), each partition is split over them (contiguous shards).
 ]
 DATASETS = ["tiny-tasks"]  # prompt datasets (configs/dataset/)
 PARTITIONS = 4  # data partitions = SLURM array tasks of the partitioned stages

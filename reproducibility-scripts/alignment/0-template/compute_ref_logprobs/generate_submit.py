@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Alignment data stage `compute_ref_logprobs` (SLURM submit generator).
 
-Reference log-probs of the completions, per partition. Targets the future entrypoint
-(issue 6, not built yet):
+Reference log-probs of the completions, per partition. Entrypoint (config
+`src/post_training/configs/<stage with dashes>.yaml`):
 `python -m post_training.data_alignment.compute_ref_logprobs`.
 Copy the whole alignment/0-template folder, edit ../experiment.py and this file, then
 

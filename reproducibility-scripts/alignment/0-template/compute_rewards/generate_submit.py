@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Alignment data stage `compute_rewards` (SLURM submit generator).
 
-Reward-model scores of the completions, per partition. Targets the future entrypoint
-(issue 6, not built yet):
+Reward-model scores of the completions, per partition. Entrypoint (config
+`src/post_training/configs/<stage with dashes>.yaml`):
 `python -m post_training.data_alignment.compute_rewards`.
 Copy the whole alignment/0-template folder, edit ../experiment.py and this file, then
 
@@ -23,8 +23,9 @@ import experiment  # ../experiment.py: the settings shared by the stages
 STAGE = "compute_rewards"
 TIME = "04:00:00"  # wall time of one attempt
 PARTITIONS = experiment.PARTITIONS
-HYPERPARAMETERS = {}  # e.g. {"reward_model": ["skywork-reward-8b"]}
-OVERRIDES = {}  # the same for every job of this stage
+HYPERPARAMETERS = {}
+OVERRIDES = {"reward.function": "exact_match"}  # or reward.function: null and
+# "reward.model.model_name_or_path": "<a sequence-classification reward model>"
 
 
 def main(argv=None):

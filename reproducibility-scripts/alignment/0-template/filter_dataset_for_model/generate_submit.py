@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Alignment data stage `filter_dataset_for_model` (SLURM submit generator).
 
-Drop prompts the model cannot take (too long for its context, ...). Targets the future entrypoint
-(issue 6, not built yet):
+Drop prompts the model cannot take (too long for its context, ...). Entrypoint (config
+`src/post_training/configs/<stage with dashes>.yaml`):
 `python -m post_training.data_alignment.filter_dataset_for_model`.
 Copy the whole alignment/0-template folder, edit ../experiment.py and this file, then
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Alignment data stage `generate_ref_completions` (SLURM submit generator).
 
-Sample reference completions from the model, per partition. Targets the future entrypoint
-(issue 6, not built yet):
+Sample reference completions from the model, per partition. Entrypoint (config
+`src/post_training/configs/<stage with dashes>.yaml`):
 `python -m post_training.data_alignment.generate_ref_completions`.
 Copy the whole alignment/0-template folder, edit ../experiment.py and this file, then
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Alignment data stage `merge_partitions` (SLURM submit generator).
 
-Merge the partitions into one training dataset. Targets the future entrypoint
-(issue 6, not built yet):
+Merge the partitions into one training dataset. Entrypoint (config
+`src/post_training/configs/<stage with dashes>.yaml`):
 `python -m post_training.data_alignment.merge_partitions`.
 Copy the whole alignment/0-template folder, edit ../experiment.py and this file, then
 
@@ -24,7 +24,7 @@ STAGE = "merge_partitions"
 TIME = "04:00:00"  # wall time of one attempt
 PARTITIONS = experiment.PARTITIONS  # merged by one job
 HYPERPARAMETERS = {}
-OVERRIDES = {}  # the same for every job of this stage
+OVERRIDES = {"stage": "prepare_train_dataset"}  # the stage whose partitions are merged
 
 
 def main(argv=None):

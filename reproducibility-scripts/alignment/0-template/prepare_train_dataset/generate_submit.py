@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Alignment data stage `prepare_train_dataset` (SLURM submit generator).
 
-Chosen / rejected pairs and reference rewards, per partition. Targets the future entrypoint
-(issue 6, not built yet):
+Chosen / rejected pairs and reference rewards, per partition. Entrypoint (config
+`src/post_training/configs/<stage with dashes>.yaml`):
 `python -m post_training.data_alignment.prepare_train_dataset`.
 Copy the whole alignment/0-template folder, edit ../experiment.py and this file, then
 
