@@ -88,3 +88,21 @@ def artifacts(tmp_path: Path) -> Path:
     path = tmp_path / "artifacts"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_start(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A briefly SFT-ed tiny model (300 steps), shared by the preference and alignment e2e
+    tests as their starting point; its held-out accuracy is in ``eval-tiny-tasks.json``."""
+    artifacts = tmp_path_factory.mktemp("sft-start")
+    args = [
+        "wandb.mode=disabled",
+        "tensorboard=false",
+        "training_args.logging_steps=5",
+        "job_subdir=sft",
+        "training_args.num_train_epochs=null",
+        "training_args.max_steps=300",
+    ]
+    run_entrypoint("train_sft", args, artifacts)
+    (final,) = job_dir(artifacts, "sft").rglob("final-model")
+    return final

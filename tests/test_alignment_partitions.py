@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from post_training.data_alignment.merge_partitions import merge
 from post_training.data_alignment.partitions import (
     MERGED_DIR,
     Partition,
@@ -15,7 +16,6 @@ from post_training.data_alignment.partitions import (
     assemble,
     read_stage,
 )
-from post_training.data_alignment.merge_partitions import merge
 from post_training.data_sft.messages import DataError
 from post_training.utils.config import ConfigError
 

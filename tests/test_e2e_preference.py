@@ -71,16 +71,9 @@ def accuracy(artifacts: Path, job: str, entrypoint: str) -> float:
     return json.loads((final / "eval-tiny-tasks.json").read_text())["accuracy"]
 
 
-def test_dpo_and_qrpo_improve_on_the_sft_start(artifacts: Path) -> None:
-    sft = [
-        *COMMON,
-        "job_subdir=sft",
-        "training_args.num_train_epochs=null",
-        "training_args.max_steps=300",
-    ]
-    run_entrypoint("train_sft", sft, artifacts)
-    start = accuracy(artifacts, "sft", "train_sft")
-    (sft_model,) = job_dir(artifacts, "sft").rglob("final-model")
+def test_dpo_and_qrpo_improve_on_the_sft_start(artifacts: Path, tiny_sft_start: Path) -> None:
+    sft_model = tiny_sft_start
+    start = json.loads((sft_model / "eval-tiny-tasks.json").read_text())["accuracy"]
     policy = [f"model.model_name_or_path={sft_model}", "model.init_from_config=false"]
 
     # On-policy pairs: the correct answer vs the SFT model's worst of 4 samples, whose rewards
