@@ -492,3 +492,41 @@ def test_stage_cli(artifacts: Path) -> None:
         check=False,
     )
     assert proc.returncode != 0 and "partitions [0] of 2 are missing" in proc.stderr
+
+
+@pytest.mark.e2e
+def test_two_processes_split_a_partition(artifacts: Path) -> None:
+    """``accelerate launch --num_processes 2`` (CPU, gloo): each process takes a contiguous shard
+    of the partition; the gathered rows equal a one-process run's."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    stage(
+        "filter_dataset_for_model", artifacts, "dataset=tiny-pairs", "dataset.max_train_examples=9"
+    )
+    env = {**os.environ, "POST_TRAINING_ARTIFACTS_DIR": str(artifacts), "OMP_NUM_THREADS": "1"}
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", "29519", "-m",
+    ]  # fmt: skip
+    common = ["wandb.mode=disabled", "dataset=tiny-pairs", "dataset.max_train_examples=9"]
+    for module in ("generate_ref_completions", "compute_ref_logprobs"):
+        two = [*common, "output_dir=${alignment.dir}/" + module + "-two"]
+        if module == "compute_ref_logprobs":
+            two.append("input=${alignment.dir}/generate_ref_completions-two")
+        proc = subprocess.run(
+            [*launch, f"post_training.data_alignment.{module}", *two],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        one = rows_of(stage(module, artifacts, *common[1:]))
+        two_rows = rows_of(artifacts / f"private/alignment-data/tiny-pairs/tiny/{module}-two")
+        assert [r["id"] for r in one] == [r["id"] for r in two_rows]
+        for a, b in zip(one, two_rows, strict=True):  # batches differ: float sums to 1e-5
+            assert a.keys() == b.keys() and a["ref_completions"] == b["ref_completions"]
+            for key in ("ref_chosen_logps", "ref_rejected_logps"):
+                assert math.isclose(a.get(key, 0), b.get(key, 0), rel_tol=1e-5, abs_tol=1e-5)

@@ -20,7 +20,6 @@ import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
 
-from post_training.data_alignment.generate_ref_completions import model_identity
 from post_training.data_alignment.partitions import read_stage
 from post_training.data_alignment.preference import encode_pairs
 from post_training.data_alignment.ref_logps import summed_logps
@@ -28,6 +27,7 @@ from post_training.data_alignment.stage import (
     begin,
     chat_encoder,
     device,
+    model_identity,
     now,
     shard_map,
     stage_output,

@@ -30,6 +30,7 @@ from post_training.data_alignment.stage import (
     begin,
     chat_encoder,
     check_user_turn,
+    model_identity,
     now,
     prompt_ids,
     stage_output,
@@ -130,10 +131,7 @@ def run(cfg: DictConfig) -> Path:
         "split": split,
         "filter": options,
         "max_new_tokens": config["alignment"]["max_new_tokens"],
-        "model": {
-            k: config["model"].get(k)
-            for k in ("tokenizer_name_or_path", "chat_template", "max_seq_length", "special_tokens")
-        },
+        "model": model_identity(config["model"]),
         "data": config["data"],
     }
     inputs = [

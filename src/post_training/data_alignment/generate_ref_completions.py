@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
@@ -33,6 +32,7 @@ from post_training.data_alignment.stage import (
     chat_encoder,
     check_user_turn,
     device,
+    model_identity,
     now,
     prompt_ids,
     shard_map,
@@ -42,21 +42,6 @@ from post_training.utils.models import load_model, load_tokenizer, stop_token_id
 
 log = logging.getLogger(__name__)
 STAGE = "generate_ref_completions"
-
-
-def model_identity(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    """What determines a model's outputs (not its display name)."""
-    keys = (
-        "model_name_or_path",
-        "tokenizer_name_or_path",
-        "init_from_config",
-        "init_seed",
-        "chat_template",
-        "torch_dtype",
-        "max_seq_length",
-        "special_tokens",
-    )
-    return {k: model_cfg.get(k) for k in keys}
 
 
 def run(cfg: DictConfig) -> Path:

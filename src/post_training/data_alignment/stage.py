@@ -70,6 +70,21 @@ def stage_output(
     return output
 
 
+def model_identity(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """What determines a model's outputs (not its display name)."""
+    keys = (
+        "model_name_or_path",
+        "tokenizer_name_or_path",
+        "init_from_config",
+        "init_seed",
+        "chat_template",
+        "torch_dtype",
+        "max_seq_length",
+        "special_tokens",
+    )
+    return {k: model_cfg.get(k) for k in keys}
+
+
 def now() -> float:
     return time.time()
 
