@@ -277,7 +277,7 @@ def _plain_logps(model, tokenizer, prompt: list[dict], reply: str) -> float:
     return float(logps[torch.arange(len(targets)), targets][start - 1 :].sum())
 
 
-def test_reference_logps_equal_a_plain_forward(artifacts: Path, tokenizer) -> None:
+def test_reference_logps_equal_a_plain_forward(artifacts: Path, tmp_path: Path, tokenizer) -> None:
     common = ["dataset=tiny-pairs", "dataset.max_train_examples=8"]
     stage("filter_dataset_for_model", artifacts, *common)
     stage("generate_ref_completions", artifacts, *common, "generation.num_completions=2")
@@ -290,6 +290,17 @@ def test_reference_logps_equal_a_plain_forward(artifacts: Path, tokenizer) -> No
         for text, value in zip(row["ref_completions"], row["ref_completions_logps"], strict=True):
             expected = _plain_logps(model, tokenizer, row["prompt"], text)
             assert math.isclose(value, expected, rel_tol=1e-5, abs_tol=1e-4)
+    # The dataset's reference answer, when there is one (and an empty completion).
+    hand = stage(
+        "compute_ref_logprobs",
+        artifacts,
+        f"input={_rows_file(tmp_path)}",
+        "output_dir=${alignment.dir}/hand",
+    )
+    for row in rows_of(hand):
+        expected = _plain_logps(model, tokenizer, row["prompt"], row["answer"])
+        assert math.isclose(row["ref_answer_logps"], expected, rel_tol=1e-5, abs_tol=1e-4)
+        assert all(v is not None for v in row["ref_completions_logps"])
 
 
 # --- compute_rewards ----------------------------------------------------------------------------
@@ -335,6 +346,7 @@ def test_rewards_from_a_function(artifacts: Path, tmp_path: Path) -> None:
     assert r0["ref_rewards"] == [1.0, 0.0, 0.0, 0.0]
     assert r1["ref_rewards"] == [0.0, 1.0, 1.0, 0.0]
     assert (r1["chosen_reward"], r1["rejected_reward"]) == (1.0, 0.0)
+    assert r0["answer_reward"] == r1["answer_reward"] == 1.0
 
     nan = tmp_path / "nanreward.py"
     nan.write_text(
@@ -439,6 +451,20 @@ def test_prepare_pairs_quantiles_and_mixing(artifacts: Path, tmp_path: Path) -> 
     offline = rows["a/r1/offline"]  # ref rewards [0, 1, 1, 0]
     assert offline["chosen_quantile_reward"] == 1.0 and offline["rejected_quantile_reward"] == 0.5
     assert rows["a/r1/best_worst"]["chosen"][0]["content"] == "3"  # first of the tied best
+    answer = rows_of(
+        stage(
+            "prepare_train_dataset",
+            artifacts,
+            "prepare.pairs=[answer_worst]",
+            f"prepare.inputs=[{{name: a, path: '{rewarded}'}}]",
+            "output_dir=${alignment.dir}/aw",
+        )
+    )
+    by_id = {r["id"]: r for r in answer}
+    assert by_id["a/r0/answer_worst"]["rejected"][0]["content"] == "4"  # "" is never picked
+    assert by_id["a/r1/answer_worst"]["rejected"][0]["content"] == "5"
+    assert by_id["a/r1/answer_worst"]["chosen"][0]["content"] == "3"
+    assert by_id["a/r1/answer_worst"]["chosen_reward"] == 1.0
 
     # A margin no pair clears; and a mix of two inputs by count, partitioned then merged.
     with pytest.raises(DataError, match="no pair was built"):

@@ -7,7 +7,8 @@ Tokenization, masks and forward are those of ``train_preference`` (same chat tem
 and ``encode_pairs``), so ``train_preference`` can use the columns instead of loading a reference
 model: ``ref_chosen_logps`` / ``ref_rejected_logps`` for offline pairs, and
 ``ref_completions_logps`` (one per reference completion; null where the completion does not fit)
-for pairs that ``prepare_train_dataset`` picks among the reference completions.
+and ``ref_answer_logps`` (of the dataset's reference answer) for pairs that
+``prepare_train_dataset`` builds from them.
 """
 
 from __future__ import annotations
@@ -77,27 +78,35 @@ def run(cfg: DictConfig) -> Path:
             row = paired[int(pair["row_index"])]
             row["ref_chosen_logps"], row["ref_rejected_logps"] = float(c), float(r)
         report["pairs"] = {"scored": len(pairs), "filter": pair_report.as_dict()}
-    with_refs = [r for r in rows if r.get("ref_completions")] if options["completions"] else []
-    if with_refs:
+    singles = [  # (row, slot, text): the reference answer and each reference completion
+        (row, slot, text)
+        for row in rows
+        for slot, text in (
+            ([("answer", str(row["answer"]))] if row.get("answer") is not None else [])
+            + (list(enumerate(row.get("ref_completions") or [])) if options["completions"] else [])
+        )
+    ]
+    if singles:
         conversations = [
-            ([*r["prompt"], {"role": "assistant", "content": text}], len(r["prompt"]))
-            for r in with_refs
-            for text in r["ref_completions"]
+            ([*row["prompt"], {"role": "assistant", "content": text}], len(row["prompt"]))
+            for row, _, text in singles
         ]
-        ref_report = FilterReport()
-        examples, kept = encoder.encode(conversations, where, ref_report)
+        single_report = FilterReport()
+        examples, kept = encoder.encode(conversations, where, single_report)
         values = dict(zip(kept, shard_map(examples, score, accelerator), strict=True))
-        index = 0
-        for row in with_refs:
-            count = len(row["ref_completions"])
-            row["ref_completions_logps"] = [
-                float(values[i]) if i in values else None for i in range(index, index + count)
-            ]
-            index += count
-        report["ref_completions"] = {"scored": len(kept), "filter": ref_report.as_dict()}
-    if not paired and not with_refs:
+        for row in rows:
+            if row.get("ref_completions") and options["completions"]:
+                row["ref_completions_logps"] = [None] * len(row["ref_completions"])
+        for i, (row, slot, _) in enumerate(singles):
+            value = float(values[i]) if i in values else None
+            if slot == "answer":
+                row["ref_answer_logps"] = value
+            else:
+                row["ref_completions_logps"][slot] = value
+        report["completions"] = {"scored": len(kept), "filter": single_report.as_dict()}
+    if not paired and not singles:
         raise DataError(
-            f"{where}: nothing to score: no row has chosen + rejected or ref_completions"
+            f"{where}: nothing to score: no row has chosen + rejected, an answer or ref_completions"
         )
     if not accelerator.is_main_process:
         return output.path

@@ -4,8 +4,9 @@
     python -m post_training.data_alignment.compute_rewards reward.function=null \
         reward.model.model_name_or_path=<a sequence-classification reward model>
 
-Adds ``chosen_reward`` / ``rejected_reward`` to rows with an offline pair and ``ref_rewards``
-(one per reference completion) to rows with ``ref_completions``. A reward that is NaN or
+Adds ``chosen_reward`` / ``rejected_reward`` to rows with an offline pair, ``answer_reward`` to
+rows with a reference answer, and ``ref_rewards`` (one per reference completion) to rows with
+``ref_completions``. A reward that is NaN or
 infinite is an error naming the row and the completion.
 """
 
@@ -38,8 +39,11 @@ def _text(reply: Any) -> str:
 
 
 def completions_of(row: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``(slot, text)`` of every completion of a row to score: chosen, rejected, ref_<k>."""
+    """``(slot, text)`` of every completion of a row to score: chosen, rejected, the dataset's
+    reference ``answer``, ref_<k>."""
     out = [(side, _text(row[side])) for side in ("chosen", "rejected") if row.get(side)]
+    if row.get("answer") is not None:
+        out.append(("answer", str(row["answer"])))
     out += [(f"ref_{k}", text) for k, text in enumerate(row.get("ref_completions") or [])]
     return out
 

@@ -5,8 +5,10 @@
 Per input row, pairs of the kinds in ``prepare.pairs``:
 - ``offline``: the row's own ``chosen`` / ``rejected``;
 - ``best_worst``: the reference completions of highest and lowest reward (first on ties; empty
-  completions are never picked), skipped when the rewards differ by ``prepare.min_reward_margin``
-  or less.
+  completions are never picked);
+- ``answer_worst``: the dataset's reference answer (``answer``, e.g. the SFT reply) vs the
+  reference completion of lowest reward;
+a pair whose rewards differ by ``prepare.min_reward_margin`` or less is skipped.
 Each pair carries ``ref_rewards`` (the rewards of the prompt's reference completions),
 ``chosen_reward`` / ``rejected_reward``, the quantile rewards ``chosen_quantile_reward`` /
 ``rejected_quantile_reward`` (fraction of ``ref_rewards`` <= the reward, as QRPO defines them), and
@@ -38,13 +40,9 @@ from post_training.utils.config import ConfigError
 
 log = logging.getLogger(__name__)
 STAGE = "prepare_train_dataset"
-PAIR_KINDS = ("offline", "best_worst")
+PAIR_KINDS = ("offline", "best_worst", "answer_worst")
 INPUT_KEYS = ("name", "path", "weight", "fraction", "count")
 KEPT = ("answer", "task")  # carried from the input row when present (evaluation, analysis)
-
-
-def _reply(text: str) -> list[dict[str, str]]:
-    return [{"role": "assistant", "content": text}]
 
 
 def _offline(row: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -57,39 +55,81 @@ def _offline(row: Mapping[str, Any]) -> dict[str, Any] | None:
     return pair
 
 
-def _best_worst(row: Mapping[str, Any], margin: float, dropped: Counter) -> dict[str, Any] | None:
+def _usable(row: Mapping[str, Any]) -> list[int]:
+    """Indices of the reference completions a pair may use: non-empty, and with a reference
+    log-prob when they were computed (a completion too long for the model has none)."""
     texts = row.get("ref_completions") or []
     rewards = row.get("ref_rewards") or []
-    if not texts:
-        return None
     if len(rewards) != len(texts):
         raise DataError(
-            f"row {row['id']!r}: {len(texts)} ref_completions but {len(rewards)} ref_rewards "
-            "(run compute_rewards on the completions)"
+            f"{len(texts)} ref_completions but {len(rewards)} ref_rewards (run compute_rewards "
+            "on the completions)"
         )
     logps = row.get("ref_completions_logps")
-    usable = [
+    return [
         k
         for k, text in enumerate(texts)
         if text.strip() and (logps is None or logps[k] is not None)
     ]
+
+
+def _pair(
+    row: Mapping[str, Any],
+    chosen: tuple[str, float, float | None],
+    rejected: tuple[str, float, float | None],
+) -> dict[str, Any]:
+    """A pair from (text, reward, reference log-prob or None) of each side."""
+    pair = {
+        "chosen": [{"role": "assistant", "content": chosen[0]}],
+        "rejected": [{"role": "assistant", "content": rejected[0]}],
+        "chosen_reward": chosen[1],
+        "rejected_reward": rejected[1],
+    }
+    if chosen[2] is not None and rejected[2] is not None:
+        pair["ref_chosen_logps"], pair["ref_rejected_logps"] = chosen[2], rejected[2]
+    return pair
+
+
+def _completion(row: Mapping[str, Any], k: int) -> tuple[str, float, float | None]:
+    logps = row.get("ref_completions_logps")
+    return row["ref_completions"][k], row["ref_rewards"][k], None if logps is None else logps[k]
+
+
+def _best_worst(row: Mapping[str, Any], margin: float, dropped: Counter) -> dict[str, Any] | None:
+    """The reference completions of highest and lowest reward (first on ties)."""
+    if not row.get("ref_completions"):
+        dropped["best_worst_no_ref_completions"] += 1
+        return None
+    usable = _usable(row)
     if len(usable) < 2:
         dropped["best_worst_fewer_than_2_usable"] += 1
         return None
+    rewards = row["ref_rewards"]
     best = max(usable, key=lambda k: (rewards[k], -k))
     worst = min(usable, key=lambda k: (rewards[k], k))
     if rewards[best] - rewards[worst] <= margin:
         dropped["best_worst_no_reward_margin"] += 1
         return None
-    pair = {
-        "chosen": _reply(texts[best]),
-        "rejected": _reply(texts[worst]),
-        "chosen_reward": rewards[best],
-        "rejected_reward": rewards[worst],
-    }
-    if logps is not None:
-        pair["ref_chosen_logps"], pair["ref_rejected_logps"] = logps[best], logps[worst]
-    return pair
+    return _pair(row, _completion(row, best), _completion(row, worst))
+
+
+def _answer_worst(row: Mapping[str, Any], margin: float, dropped: Counter) -> dict[str, Any] | None:
+    """The dataset's reference answer vs the reference completion of lowest reward."""
+    if row.get("answer") is None or not row.get("ref_completions"):
+        dropped["answer_worst_no_answer_or_completions"] += 1
+        return None
+    if row.get("answer_reward") is None:
+        raise DataError("no 'answer_reward': run compute_rewards on this input")
+    usable = _usable(row)
+    if not usable:
+        dropped["answer_worst_no_usable_completion"] += 1
+        return None
+    worst = min(usable, key=lambda k: (row["ref_rewards"][k], k))
+    if row["answer_reward"] - row["ref_rewards"][worst] <= margin:
+        dropped["answer_worst_no_reward_margin"] += 1
+        return None
+    answer = (str(row["answer"]), row["answer_reward"], row.get("ref_answer_logps"))
+    return _pair(row, answer, _completion(row, worst))
 
 
 def build_pairs(
@@ -101,11 +141,16 @@ def build_pairs(
     for row in rows:
         for kind in kinds:
             try:
-                pair = _offline(row) if kind == "offline" else _best_worst(row, margin, dropped)
-                if pair is None:
-                    if kind == "offline":
+                if kind == "offline":
+                    pair = _offline(row)
+                    if pair is None:
                         dropped["offline_missing"] += 1
-                    continue
+                        continue
+                else:
+                    builder = _best_worst if kind == "best_worst" else _answer_worst
+                    pair = builder(row, margin, dropped)
+                    if pair is None:
+                        continue
                 pair["prompt"] = row["prompt"]
                 if row.get("ref_rewards") is not None:
                     pair["ref_rewards"] = row["ref_rewards"]
