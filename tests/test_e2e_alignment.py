@@ -1,6 +1,8 @@
 """End to end (marked e2e): the alignment data chain on the embedded task, as its reproducibility
-script runs it — reference completions in 2 partitions, reference log-probs, rewards, QRPO pairs,
-merge, QRPO on the precomputed columns — raises held-out accuracy over the SFT start."""
+script runs it — 4 reference completions per prompt in 2 partitions, reference log-probs,
+partial-credit rewards, pairs (the task's answer vs the worst completion), merge, QRPO on the
+precomputed columns — and DPO (+NLL) on the same pairs: both raise held-out exact-match accuracy
+over the SFT start, and log the metrics TRL names."""
 
 from __future__ import annotations
 
@@ -12,13 +14,29 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, job_dir, read_metrics, run_dirs, run_entrypoint
 
 pytestmark = pytest.mark.e2e
 SCRIPT = REPO / "reproducibility-scripts/alignment/tiny-end-to-end/run.sh"
+PAIR_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+)
 
 
-def test_tiny_alignment_chain_qrpo_beats_the_sft_start(
+def _last_train_metrics(artifacts: Path, job: str, subdir: str) -> dict:
+    root = job_dir(artifacts, job, "train_preference", subdir)
+    (run_dir,) = sorted((root / "runs").iterdir())
+    return [m for m in read_metrics(run_dir) if "loss" in m][-1]
+
+
+def test_tiny_alignment_chain_improves_on_the_sft_start(
     artifacts: Path, tiny_sft_start: Path
 ) -> None:
     env = {
@@ -26,23 +44,48 @@ def test_tiny_alignment_chain_qrpo_beats_the_sft_start(
         "POST_TRAINING_ARTIFACTS_DIR": str(artifacts),
         "PYTHON": sys.executable,
         "SFT_MODEL": str(tiny_sft_start),
-        "NUM_PROMPTS": "4000",
-        "PARTITIONS": "2",
     }
     proc = subprocess.run(
-        ["bash", str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800
+        ["bash", str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, timeout=2400
     )
     assert proc.returncode == 0, proc.stderr[-6000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    print("tiny alignment chain", result)
 
     alignment = artifacts / "tiny-end-to-end/alignment-data/tiny-tasks/tiny"
     generated = sorted((alignment / "generate_ref_completions").glob("partition-*"))
     assert [p.name for p in generated] == ["partition-00000-of-00002", "partition-00001-of-00002"]
-    rows = [json.loads(x) for x in (alignment / "prepare_train_dataset/merged/rows.jsonl").open()]
-    assert len(rows) == result["pairs"] > 200
-    for row in rows[:50]:
-        assert row["chosen_reward"] > row["rejected_reward"]
+    rows_file = alignment / "prepare_train_dataset/merged/rows.jsonl"
+    rows = [json.loads(x) for x in rows_file.open()]
+    assert len(rows) == result["pairs"] > 3000
+    for row in rows[:100]:
+        assert row["chosen_reward"] == 1.0 > row["rejected_reward"]
         assert len(row["ref_rewards"]) == 4 and "ref_chosen_logps" in row
-        assert 0 <= row["rejected_quantile_reward"] < row["chosen_quantile_reward"] <= 1
+        assert 0 < row["rejected_quantile_reward"] < row["chosen_quantile_reward"] == 1.0
+    qrpo = _last_train_metrics(artifacts, "tiny-end-to-end-qrpo", "tiny-end-to-end")
+    for key in (*PAIR_METRICS, "quantile_rewards/chosen", "beta_log_z", "targets/chosen"):
+        assert key in qrpo, key
+
+    # DPO with its NLL term (RPO) on the same pairs: plain sigmoid DPO lowers both log-probs here.
+    dpo = [
+        "wandb.mode=disabled",
+        "tensorboard=false",
+        "job_subdir=dpo",
+        "trainer=dpo",
+        "trainer.nll_weight=1.0",
+        f"model.model_name_or_path={tiny_sft_start}",
+        "model.init_from_config=false",
+        "dataset=alignment-prepared",
+        f"dataset.train.path={rows_file}",
+        "training_args.learning_rate=5e-4",
+        "training_args.logging_steps=5",
+    ]
+    run_entrypoint("train_preference", dpo, artifacts)
+    (final,) = job_dir(artifacts, "dpo", "train_preference").rglob("final-model")
+    result["dpo_accuracy"] = json.loads((final / "eval-tiny-tasks.json").read_text())["accuracy"]
+    (run_dir,) = run_dirs(artifacts, "dpo", "train_preference")
+    assert "Reference log-probs: dataset" in (run_dir / "train_preference.log").read_text()
+    last = _last_train_metrics(artifacts, "dpo", "private")
+    assert all(key in last for key in PAIR_METRICS) and last["rewards/accuracies"] > 0.5
+    print("tiny alignment chain", result)
+    assert result["dpo_accuracy"] >= result["sft_accuracy"] + 0.02
     assert result["qrpo_accuracy"] >= result["sft_accuracy"] + 0.01

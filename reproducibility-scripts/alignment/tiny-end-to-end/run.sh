@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole alignment chain on the embedded tiny task, on CPU, in a few minutes:
 #   SFT the tiny model -> filter prompts -> 4 reference completions per prompt (2 partitions)
-#   -> reference log-probs -> rewards (tiny-task partial credit) -> QRPO pairs (best vs worst)
+#   -> reference log-probs -> rewards (tiny-task partial credit) -> QRPO pairs (the task's answer
+#   vs the worst of the 4 completions; quantile rewards from the 4 completions' rewards)
 #   -> merge -> QRPO training on the precomputed columns -> held-out exact match vs the SFT start.
 #
 #   bash reproducibility-scripts/alignment/tiny-end-to-end/run.sh
@@ -39,7 +40,7 @@ done
 "$PYTHON" -m post_training.data_alignment.compute_rewards "${STAGE[@]}" "${REFERENCE[@]}" \
   reward.function=tiny_task_partial
 "$PYTHON" -m post_training.data_alignment.prepare_train_dataset "${STAGE[@]}" "${REFERENCE[@]}" \
-  'prepare.pairs=[best_worst]' prepare.require_ref_logps=true
+  'prepare.pairs=[answer_worst]' prepare.require_ref_logps=true
 "$PYTHON" -m post_training.data_alignment.merge_partitions "${STAGE[@]}" "${REFERENCE[@]}" \
   stage=prepare_train_dataset
 
