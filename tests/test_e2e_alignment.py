@@ -87,5 +87,5 @@ def test_tiny_alignment_chain_improves_on_the_sft_start(
     last = _last_train_metrics(artifacts, "dpo", "private")
     assert all(key in last for key in PAIR_METRICS) and last["rewards/accuracies"] > 0.5
     print("tiny alignment chain", result)
-    assert result["dpo_accuracy"] >= result["sft_accuracy"] + 0.02
+    assert result["dpo_accuracy"] >= result["sft_accuracy"] + 0.015
     assert result["qrpo_accuracy"] >= result["sft_accuracy"] + 0.01

@@ -48,7 +48,7 @@ done
   job_subdir="$JOB-qrpo" resuming.resume=true trainer=qrpo "${REFERENCE[@]}" \
   dataset=alignment-prepared \
   "dataset.train.path=${ALIGNMENT_DIR}/prepare_train_dataset/merged/rows.jsonl" \
-  training_args.learning_rate=5e-4 training_args.logging_steps=5
+  training_args.learning_rate=1e-3 training_args.logging_steps=5
 
 QRPO_MODEL=$(find "${ARTIFACTS}/tiny-end-to-end/outputs/train_preference/$JOB-qrpo" -type d -name final-model | sort | tail -n 1)
 "$PYTHON" - "$SFT_MODEL" "$QRPO_MODEL" "$ALIGNMENT_DIR" <<'PY'

@@ -30,6 +30,7 @@ from post_training.data_sft.collate import pad_collate
 from post_training.data_sft.sampling import epoch_batches
 from post_training.utils import checkpointing as ckpt
 from post_training.utils.config import ConfigError
+from post_training.utils.flops import ModelFlops, device_peak_flops
 from post_training.utils.models import is_peft_model
 from post_training.utils.run import RunContext
 from post_training.utils.signals import GracefulStop
@@ -120,6 +121,9 @@ class Trainer(ABC):
             )
         self.state.total_steps = self._total_steps()
 
+        # MFU: training FLOPs per token of this model against the device's peak FLOP/s.
+        self.model_flops = ModelFlops.of(model)
+        self.peak_flops = device_peak_flops(accelerator.device)
         if self.args["gradient_checkpointing"]:
             model.gradient_checkpointing_enable()
         self._configure_deepspeed()
@@ -357,6 +361,7 @@ class Trainer(ABC):
         sums: dict[str, torch.Tensor] = {
             "loss": torch.zeros((), dtype=torch.float64, device=accelerator.device),
             "tokens": torch.zeros((), dtype=torch.float64, device=accelerator.device),
+            "flops": torch.zeros((), dtype=torch.float64, device=accelerator.device),
         }
         for batch in batches:
             with accelerator.accumulate(self.model):
@@ -364,7 +369,10 @@ class Trainer(ABC):
                 # accelerate divides by the accumulation steps; our loss is already normalised.
                 accelerator.backward(loss * scale * self.accumulation)
             sums["loss"] += loss.detach().double()
-            sums["tokens"] += batch["attention_mask"].sum()
+            tokens = batch["attention_mask"].sum().double()
+            sums["tokens"] += tokens
+            # Attention ran over the padded (or packed) row length.
+            sums["flops"] += tokens * self.model_flops.per_token(batch["input_ids"].shape[1])
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0) + value.detach().double()
         max_norm = self.args.get("max_grad_norm")
@@ -383,6 +391,7 @@ class Trainer(ABC):
         state.samples_seen += self.global_batch
         window["steps"] += 1
         window["tokens"] += totals.pop("tokens")
+        window["flops"] += totals.pop("flops")
         for key, value in totals.items():
             window["sums"][key] = window["sums"].get(key, 0.0) + value
         for key, value in counts.items():
@@ -397,7 +406,14 @@ class Trainer(ABC):
 
     @staticmethod
     def _new_window() -> dict[str, Any]:
-        return {"steps": 0, "tokens": 0.0, "sums": {}, "counts": {}, "start": time.perf_counter()}
+        return {
+            "steps": 0,
+            "tokens": 0.0,
+            "flops": 0.0,
+            "sums": {},
+            "counts": {},
+            "start": time.perf_counter(),
+        }
 
     def _log_train(self, window: dict[str, Any], grad_norm: float, lr: float) -> None:
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
@@ -413,6 +429,9 @@ class Trainer(ABC):
             "num_samples": self.state.samples_seen,
             "tokens_per_second": window["tokens"] / elapsed,
         }
+        flops_per_device = window["flops"] / elapsed / self.world
+        metrics["perf/tflops"] = flops_per_device / 1e12
+        metrics["perf/mfu"] = flops_per_device / self.peak_flops
         metrics["peak_memory_gb"] = peak_memory_gb(self.accelerator.device)
         self.metrics.log(metrics, step)
         window.update(self._new_window())
