@@ -134,7 +134,6 @@ def generate_hf(
     pad = tokenizer.pad_token_id
     n = options.num_completions
     stops = set(stop_ids)
-    out: list[list[Completion]] = []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
     results: dict[int, list[Completion]] = {}
     for start in range(0, len(order), options.batch_size):
@@ -165,8 +164,7 @@ def generate_hf(
         new = generated[:, width:].tolist()
         for j, i in enumerate(chunk):
             results[i] = [_decode(tokenizer, new[j * n + k], stops) for k in range(n)]
-    out = [results[i] for i in range(len(prompts))]
-    return out
+    return [results[i] for i in range(len(prompts))]
 
 
 def generate_vllm(

@@ -145,7 +145,6 @@ class RewardModel:
         self, prompts: Sequence[Sequence[Mapping[str, Any]]], completions: Sequence[str]
     ) -> list[float]:
         texts = self.texts(prompts, completions)
-        out: list[float] = []
         device = next(self.model.parameters()).device
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         scores: dict[int, float] = {}
@@ -161,5 +160,4 @@ class RewardModel:
             ).to(device)
             logits = self.model(**enc).logits[:, 0].float().tolist()
             scores.update(zip(chunk, logits, strict=True))
-        out = [scores[i] for i in range(len(texts))]
-        return out
+        return [scores[i] for i in range(len(texts))]
