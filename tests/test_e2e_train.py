@@ -68,10 +68,29 @@ def test_default_run_learns_and_evaluate_reports_accuracy(artifacts: Path) -> No
     assert train_events[-1]["loss"] < train_events[0]["loss"]
     assert any("eval_loss" in m for m in metrics)
     assert metrics[-1]["eval_accuracy"] == trained["accuracy"]
+    # Teacher-forced exact match of the last turn = greedy generation's exact match (up to
+    # argmax near-ties between left- and right-padded forwards).
+    (final_eval,) = [m for m in metrics if "eval_loss" in m and m["step"] == metrics[-1]["step"]]
+    assert abs(final_eval["eval_sequence_exact_match"] - trained["accuracy"]) <= 2 / 400
     assert list((run_dir / "tensorboard").iterdir())
     assert list((run_dir / "wandb").glob("offline-run-*"))
     for name in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja"):
         assert (final / name).is_file()
+
+
+@pytest.mark.parametrize("strategy", ["epoch", "no"])
+def test_eval_strategy_schedules_evaluation(artifacts: Path, strategy: str) -> None:
+    """32 examples in batches of 8: 4 steps per epoch, 2 epochs."""
+    args = [*QUICK, "training_args.num_train_epochs=2", "dataset.max_train_examples=32",
+            "training_args.eval_steps=1", f"training_args.eval_strategy={strategy}",
+            f"job_subdir={strategy}"]  # fmt: skip
+    run_entrypoint("train_sft", args, artifacts)
+    (run_dir,) = run_dirs(artifacts, strategy)
+    evals = [m for m in read_metrics(run_dir) if "eval_loss" in m]
+    assert [m["step"] for m in evals] == ([4, 8] if strategy == "epoch" else [])
+    for m in evals:
+        assert 0.0 <= m["eval_sequence_exact_match"] <= 1.0
+        assert {"eval_completion_loss", "eval_completion_token_accuracy"} <= m.keys()
 
 
 def test_kill_9_then_resume_gives_identical_final_weights(artifacts: Path) -> None:

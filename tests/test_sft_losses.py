@@ -144,3 +144,48 @@ def test_counts_use_the_shifted_masks_of_the_predicted_tokens() -> None:
     assert counts["num_prompt_tokens"] == 5 - 2  # unshifted would say 5
     assert counts["num_completion_tokens"] == 6
     assert counts["num_sequences"] == 2
+
+
+def test_sequence_exact_match_scores_the_last_assistant_turn_only() -> None:
+    """Two-turn row: a miss in the first assistant turn does not count (greedy decoding of the
+    last turn is what ``evaluate`` scores); a miss in the last turn does. Packing both rows into
+    one gives the same count."""
+    from post_training.trainers.sft import exact_matches, last_turn
+
+    # Row 1: prompt, answer (miss), prompt, answer (hits). Row 2: prompt, answer with one miss.
+    prompt = torch.tensor([[1, 1, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
+    completion = torch.tensor([[0, 0, 1, 0, 1, 1], [0, 0, 1, 1, 1, 0]])
+    correct = torch.tensor([[0.0, 1, 0, 1, 1, 1], [1, 1, 1, 0, 1, 0]])
+    final = last_turn(completion, prompt, None)
+    assert final.tolist() == [[False] * 4 + [True] * 2, [False, False, True, True, True, False]]
+    out = {"completion": completion, "prompt": prompt, "correct": correct, "sequence": None}
+    assert exact_matches(out) == 1
+    out["correct"] = torch.ones_like(correct)
+    assert exact_matches(out) == 2
+
+    # Both documents packed in one row of 12 (ids 0 and 1; padding -1 never counts).
+    packed = {
+        "prompt": torch.cat([prompt[0], prompt[1]]).unsqueeze(0),
+        "completion": torch.cat([completion[0], completion[1]]).unsqueeze(0),
+        "correct": torch.cat([correct[0], correct[1]]).unsqueeze(0),
+        "sequence": torch.tensor([[0] * 6 + [1] * 6]),
+    }
+    assert last_turn(packed["completion"], packed["prompt"], packed["sequence"]).tolist() == [
+        final[0].tolist() + final[1].tolist()
+    ]
+    assert exact_matches(packed) == 1
+    packed["sequence"] = torch.tensor([[0] * 6 + [1] * 5 + [-1]])
+    packed["completion"][0, -1] = 0
+    assert exact_matches(packed) == 1
+
+
+def test_eval_strategy_is_checked() -> None:
+    from post_training.trainers.base import check_eval_strategy
+    from post_training.utils.config import ConfigError
+
+    assert check_eval_strategy({"eval_strategy": "epoch"}) == "epoch"
+    assert check_eval_strategy({"eval_steps": None}) == "steps"
+    with pytest.raises(ConfigError, match="eval_strategy must be one of"):
+        check_eval_strategy({"eval_strategy": "step"})
+    with pytest.raises(ConfigError, match="eval_steps must be positive"):
+        check_eval_strategy({"eval_strategy": "steps", "eval_steps": 0})

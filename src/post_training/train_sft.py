@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from post_training.data_sft.load import load_sft_data
 from post_training.evaluate import evaluate_checkpoint
 from post_training.trainers import TRAINERS
-from post_training.trainers.base import check_training_length
+from post_training.trainers.base import check_eval_strategy, check_training_length
 from post_training.utils.config import ConfigError, register_resolvers
 from post_training.utils.models import apply_peft, load_model, load_tokenizer
 from post_training.utils.run import setup_run
@@ -33,8 +33,10 @@ register_resolvers()
 
 
 def apply_debug(cfg: DictConfig) -> None:
-    """``debug.enabled``: a few steps (the output root is already ``outputs-debug``)."""
+    """Check the training length and evaluation schedule before anything loads; with
+    ``debug.enabled``, a few steps (the output root is already ``outputs-debug``)."""
     check_training_length(cfg.training_args)
+    check_eval_strategy(cfg.training_args)
     if cfg.debug.enabled:
         for key in ("num_train_epochs", "num_training_samples", "num_training_tokens"):
             cfg.training_args[key] = None

@@ -42,6 +42,7 @@ STATE_FILE = "trainer_state.json"
 FINAL_MODEL_DIR = "final-model"
 FINAL_ADAPTER_DIR = "final-adapter"
 LENGTH_KEYS = ("max_steps", "num_train_epochs", "num_training_samples", "num_training_tokens")
+EVAL_STRATEGIES = ("no", "steps", "epoch")
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -84,6 +85,20 @@ def check_training_length(args: dict[str, Any]) -> str:
     return chosen[0]
 
 
+def check_eval_strategy(args: dict[str, Any]) -> str:
+    """``training_args.eval_strategy`` (transformers' names): ``no``, ``steps`` (every
+    ``eval_steps``; null: only at the end) or ``epoch``; anything else is refused."""
+    strategy = str(args.get("eval_strategy") or "steps")
+    if strategy not in EVAL_STRATEGIES:
+        raise ConfigError(
+            f"training_args.eval_strategy must be one of {list(EVAL_STRATEGIES)}, got {strategy!r}"
+        )
+    every = args.get("eval_steps")
+    if strategy == "steps" and every is not None and int(every) <= 0:
+        raise ConfigError(f"training_args.eval_steps must be positive or null, got {every}")
+    return strategy
+
+
 class Trainer(ABC):
     """Owns the loop, checkpoints, logging and graceful stop. Subclasses implement the loss."""
 
@@ -120,6 +135,7 @@ class Trainer(ABC):
                 f"({self.global_batch} = per-device batch × accumulation × {self.world} ranks)"
             )
         self.state.total_steps = self._total_steps()
+        self.eval_strategy = check_eval_strategy(self.args)
 
         # MFU: training FLOPs per token of this model against the device's peak FLOP/s.
         self.model_flops = ModelFlops.of(model)
@@ -296,7 +312,7 @@ class Trainer(ABC):
 
             if step % int(args["logging_steps"]) == 0 or step == state.total_steps or stop_now:
                 self._log_train(window, grad_norm, lr)
-            if self.eval_data and args.get("eval_steps") and step % int(args["eval_steps"]) == 0:
+            if self._eval_due(step):
                 self.metrics.log(self.evaluate_loss(), step)
                 evaluated_at = step
             every = args.get("inference_checkpoint_steps")
@@ -318,7 +334,7 @@ class Trainer(ABC):
             return TrainOutcome(state, True, None, last_saved)
         if last_saved is None or ckpt.step_of(last_saved) != state.global_step:
             last_saved = self.save_checkpoint()
-        if self.eval_data and evaluated_at != state.global_step:
+        if self.eval_data and self.eval_strategy != "no" and evaluated_at != state.global_step:
             self.metrics.log(self.evaluate_loss(), state.global_step)
         final = self.run.checkpoint_dir / FINAL_MODEL_DIR
         if is_peft_model(self.accelerator.unwrap_model(self.model)):
@@ -397,6 +413,16 @@ class Trainer(ABC):
         for key, value in counts.items():
             window["counts"][key] = window["counts"].get(key, 0.0) + float(value)
         return float(grad_norm), float(lr)
+
+    def _eval_due(self, step: int) -> bool:
+        """Whether to evaluate after optimizer step ``step`` (1-based); training always ends
+        with an evaluation unless the strategy is ``no``."""
+        if not self.eval_data or self.eval_strategy == "no":
+            return False
+        if self.eval_strategy == "epoch":
+            return step % self.steps_per_epoch == 0
+        every = self.args.get("eval_steps")
+        return bool(every) and step % int(every) == 0
 
     def _stop_requested(self, stopper: GracefulStop) -> bool:
         flag = torch.tensor(float(stopper.requested), device=self.accelerator.device)

@@ -82,6 +82,32 @@ def sft_forward(
     }
 
 
+def last_turn(
+    completion: torch.Tensor, prompt: torch.Tensor, sequence: torch.Tensor | None
+) -> torch.Tensor:
+    """Completion positions after the sequence's last prompt position: its final assistant
+    turn (masks [B, T]; ``sequence`` as in :func:`per_sequence`)."""
+    pos = torch.arange(completion.shape[-1], device=completion.device).expand_as(completion)
+    prompt_pos = torch.where(prompt.bool(), pos, torch.full_like(pos, -1))
+    if sequence is None:
+        return completion.bool() & (pos > prompt_pos.amax(-1, keepdim=True))
+    ids = sequence.clamp(min=0)
+    last = torch.full((sequence.numel(),), -1, device=pos.device, dtype=pos.dtype)
+    last = last.scatter_reduce(0, ids.reshape(-1), prompt_pos.reshape(-1), "amax")
+    return completion.bool() & (sequence >= 0) & (pos > last[ids])
+
+
+def exact_matches(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Number of sequences (packed documents) whose final assistant turn is, token for token,
+    the argmax prediction under teacher forcing: exactly the sequences whose last turn greedy
+    decoding reproduces, end-of-turn included (``evaluate``'s exact match), without running
+    ``generate``."""
+    final = last_turn(out["completion"], out["prompt"], out["sequence"]).to(out["correct"].dtype)
+    misses = per_sequence((1 - out["correct"]) * final, out["sequence"])
+    scored = per_sequence(final, out["sequence"]) > 0
+    return (scored & (misses == 0)).sum()
+
+
 class SFTTrainer(Trainer):
     """Mean NLL over completion tokens: PLW with prompt weight 0."""
 
@@ -117,6 +143,7 @@ class SFTTrainer(Trainer):
             **metrics,
             "prompt_correct_sum": prompt_hits.detach(),
             "completion_correct_sum": completion_hits.detach(),
+            "exact_match_sum": exact_matches(out).detach(),
         }
 
     def summarize(self, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
@@ -133,6 +160,10 @@ class SFTTrainer(Trainer):
             / (n_p + n_c),
             "num_completion_tokens": counts.get("num_completion_tokens", 0.0),
         }
+        if "exact_match_sum" in sums:  # sequences with completion tokens
+            out["sequence_exact_match"] = sums["exact_match_sum"] / max(
+                counts.get("num_sequences", 0.0), 1.0
+            )
         if "td_sum" in sums:
             out["td_loss"] = sums["td_sum"] / n_c
             out["implicit_reward"] = sums["reward_sum"] / n_c
