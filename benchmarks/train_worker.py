@@ -2,7 +2,8 @@
 
     python -m benchmarks.train_worker SPEC.json RESULT.json
 
-``SPEC.json`` (written by :mod:`benchmarks.run`) names the implementation (``ours`` / ``trl``),
+``SPEC.json`` (written by :mod:`benchmarks.run`) names the implementation (``ours``, ``trl``, or
+``plain``: our loop with the plain Hugging Face loss on full logits, see :class:`HFLossTrainer`),
 the kind (``sft`` / ``dpo``), the reference mode of DPO (``live`` / ``precomputed``), the model
 directory (config + tokenizer; weights are initialised from seed 0 in both, as our
 ``init_from_config`` does), the JSON-lines data, and the shared settings: max length, batch,
@@ -115,6 +116,8 @@ def ours_overrides(spec: dict[str, Any]) -> list[str]:
         f"training_args.mixed_precision={'bf16' if spec['precision'] == 'bf16' else 'no'}",
         "evaluation.at_end=false",
     ]
+    if spec["impl"] == "plain":
+        overrides.append(f"trainer.name={HF_LOSS}")
     if spec["kind"] == "sft":
         overrides.append("training_args.packing=true")
     else:
@@ -122,12 +125,40 @@ def ours_overrides(spec: dict[str, Any]) -> list[str]:
     return overrides
 
 
+HF_LOSS = "hf-loss"
+
+
+def hf_loss_trainer() -> type:
+    """Our SFT trainer with the loss the way a plain Hugging Face loop computes it:
+    ``model(..., labels=...).loss``, i.e. full-vocabulary logits [B, T, V] and the library's
+    cross-entropy (mean over completion tokens: equal to ours with one micro-batch on one
+    rank). Everything else (data, packing, loop, optimizer) is ours, so only the loss differs."""
+    from post_training.trainers.sft import SFTTrainer
+
+    class HFLossTrainer(SFTTrainer):
+        def compute_loss(self, model, batch, counts):
+            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+            inputs = {"input_ids": batch["input_ids"], "labels": labels, "use_cache": False}
+            if "position_ids" in batch:
+                inputs["position_ids"] = batch["position_ids"]
+            else:
+                inputs["attention_mask"] = batch["attention_mask"]
+            return model(**inputs).loss, {}
+
+        def summarize(self, sums, counts):
+            return {}
+
+    return HFLossTrainer
+
+
 def run_ours(spec: dict[str, Any], marks: Marks) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from post_training.trainers import base
+    from post_training.trainers import TRAINERS, base
     from post_training.utils.config import CONFIGS_DIR
+
+    TRAINERS[HF_LOSS] = hf_loss_trainer()
 
     original = base.Trainer._optimizer_step
 
@@ -288,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     marks = Marks()
     device_peak_flops(device)  # measured (CPU) before any training, in both
-    extra = (run_ours if spec["impl"] == "ours" else run_trl)(spec, marks)
+    extra = (run_trl if spec["impl"] == "trl" else run_ours)(spec, marks)
     result = {**summarize(spec, marks, device), **extra}
     result["process_s"] = time.perf_counter() - marks.start
     result["torch_threads"] = getattr(marks, "threads", torch.get_num_threads())

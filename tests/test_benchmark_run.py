@@ -34,7 +34,7 @@ def test_cpu_scenario_fields(report: dict) -> None:
     assert result["peak_flops"] > 0
     (row,) = result["rows"]
     assert row["variant"] == "packed"
-    for impl in ("ours", "trl"):
+    for impl in ("ours", "plain", "trl"):
         r = row[impl]
         assert len(r["runs"]) == 1
         assert r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0
@@ -44,6 +44,9 @@ def test_cpu_scenario_fields(report: dict) -> None:
     # Identical work: the same packed token count per step (both pack the same documents
     # into rows of max_length, best fit decreasing) within a few tokens.
     assert row["ours"]["tokens_per_step"] == pytest.approx(row["trl"]["tokens_per_step"], rel=0.1)
+    # The plain-loss arm is our loop on the same packed rows: exactly the same tokens.
+    assert row["plain"]["tokens_per_step"] == row["ours"]["tokens_per_step"]
+    assert set(row["ratio_plain"]) == set(row["ratio"])
     assert set(row["ratio"]) == {
         "tokens_per_s",
         "tokens_per_cpu_s",
@@ -51,7 +54,13 @@ def test_cpu_scenario_fields(report: dict) -> None:
         "peak_memory",
         "mfu",
     }
-    assert set(result["targets"]) == {"mfu >= 60%", "tokens/s >= 10x TRL"}
+    assert set(result["targets"]) == {
+        "mfu >= 60%",
+        "tokens/s >= 10x TRL",
+        "tokens/s > TRL",
+        "peak memory <= TRL",
+        "peak memory <= 0.75x plain loss",
+    }
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU scenarios run on a GPU machine")

@@ -149,8 +149,18 @@ def test_offline_by_default_unless_explicitly_enabled() -> None:
 @pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="checks the CPU refusal; QLoRA needs a GPU"
 )
-def test_qlora_is_refused_on_cpu_with_the_reason() -> None:
-    from post_training.utils.models import apply_peft
+def test_qlora_is_refused_on_cpu_with_the_reason(artifacts: Path) -> None:
+    from post_training.utils.models import check_quantization
+
+    # From the command line: one error before any run directory or data is written.
+    overrides = ["model_args.use_peft=true", "model_args.load_in_4bit=true", "wandb.mode=disabled"]
+    proc = run_entrypoint("train_sft", overrides, artifacts, check=False)
+    assert proc.returncode != 0
+    assert "model_args.load_in_4bit (QLoRA) needs a CUDA GPU" in proc.stderr
+    assert not list(artifacts.iterdir())
 
     with pytest.raises(ConfigError, match="needs a CUDA GPU and the bitsandbytes package"):
-        apply_peft(None, {"use_peft": True, "load_in_4bit": True})  # type: ignore[arg-type]
+        check_quantization({}, {"use_peft": True, "load_in_4bit": True})
+    with pytest.raises(ConfigError, match=r"set model_args\.use_peft=true"):
+        check_quantization({}, {"use_peft": False, "load_in_4bit": True})
+    assert not check_quantization({}, {"use_peft": True, "load_in_4bit": False})

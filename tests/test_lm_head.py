@@ -78,3 +78,36 @@ def test_chunked_head_never_materialises_full_logits() -> None:
             assert mode.max >= full
     # the head is restored after the forward
     assert model.get_output_embeddings()(torch.zeros(1, 32)).shape == (1, VOCAB)
+
+
+def test_chunked_head_under_fsdp2_equals_one_process_with_full_logits(tmp_path) -> None:
+    """Two gloo ranks, the model sharded with FSDP2 (``fully_shard``, as accelerate's FSDP
+    plugin does), the loss through the chunked head: the summed loss and the unsharded
+    gradients equal one unsharded process computing full logits on the whole batch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "fsdp.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "tests.fsdp_worker", str(out), "7"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sharded = torch.load(out)
+
+    model = tiny_model()
+    full = batch()
+    out_full = sft_forward(model, full, 0)
+    tokens = full["completion_mask"][:, 1:].sum()
+    loss = -(out_full["logps"] * out_full["completion"]).sum() / tokens
+    loss.backward()
+    torch.testing.assert_close(sharded["loss"], loss.detach(), atol=1e-5, rtol=1e-5)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert sharded["grads"].keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(sharded["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)

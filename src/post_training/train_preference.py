@@ -86,7 +86,8 @@ def run(cfg: DictConfig) -> int:
         keys = ("chosen_quantile_reward", "rejected_quantile_reward")
         require_columns(train, keys, "dataset.train")
         require_columns(eval_pairs, keys, "dataset.eval")
-    model = apply_peft(load_model(config["model"], tokenizer), config["model_args"])
+    model_args = config["model_args"]
+    model = apply_peft(load_model(config["model"], tokenizer, model_args), model_args)
     mode = reference_mode(config, train, is_peft_model(model))
     ref_model = load_reference_model(config, tokenizer) if mode == "model" else None
     log.info(

@@ -23,7 +23,7 @@ from post_training.evaluate import evaluate_checkpoint
 from post_training.trainers import TRAINERS
 from post_training.trainers.base import check_eval_strategy, check_training_length
 from post_training.utils.config import ConfigError, register_resolvers
-from post_training.utils.models import apply_peft, load_model, load_tokenizer
+from post_training.utils.models import apply_peft, check_quantization, load_model, load_tokenizer
 from post_training.utils.run import setup_run
 from post_training.utils.signals import EXIT_CODE_STOPPED
 from post_training.utils.tracking import MetricsLogger
@@ -37,6 +37,7 @@ def apply_debug(cfg: DictConfig) -> None:
     ``debug.enabled``, a few steps (the output root is already ``outputs-debug``)."""
     check_training_length(cfg.training_args)
     check_eval_strategy(cfg.training_args)
+    check_quantization(cfg.model, cfg.get("model_args"))
     if cfg.debug.enabled:
         for key in ("num_train_epochs", "num_training_samples", "num_training_tokens"):
             cfg.training_args[key] = None
@@ -65,7 +66,8 @@ def run(cfg: DictConfig) -> int:
         accelerator.main_process_first,
         packing=bool(cfg.training_args.packing),
     )
-    model = apply_peft(load_model(run_ctx.config["model"], tokenizer), run_ctx.config["model_args"])
+    model_args = run_ctx.config["model_args"]
+    model = apply_peft(load_model(run_ctx.config["model"], tokenizer, model_args), model_args)
     metrics = MetricsLogger(
         run_ctx.run_dir,
         run_ctx.config,

@@ -31,7 +31,7 @@ from post_training.data_sft.sampling import epoch_batches
 from post_training.utils import checkpointing as ckpt
 from post_training.utils.config import ConfigError
 from post_training.utils.flops import ModelFlops, device_peak_flops
-from post_training.utils.models import is_peft_model
+from post_training.utils.models import is_peft_model, merged_from_adapter
 from post_training.utils.run import RunContext
 from post_training.utils.signals import GracefulStop
 from post_training.utils.tracking import MetricsLogger
@@ -141,7 +141,9 @@ class Trainer(ABC):
         self.model_flops = ModelFlops.of(model)
         self.peak_flops = device_peak_flops(accelerator.device)
         if self.args["gradient_checkpointing"]:
-            model.gradient_checkpointing_enable()
+            # transformers 5 renamed it; the old name still works there, with a warning.
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            (enable or model.gradient_checkpointing_enable)()
         self._configure_deepspeed()
         optimizer = self._make_optimizer(model)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -534,7 +536,12 @@ class Trainer(ABC):
         if self.accelerator.is_main_process:
             tmp = ckpt.temporary_path(directory)
             shutil.rmtree(tmp, ignore_errors=True)
-            merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
+            peft_model = self.accelerator.unwrap_model(self.model)
+            if getattr(peft_model, "is_loaded_in_4bit", False):  # QLoRA: merge in full precision
+                adapter = self.run.checkpoint_dir / FINAL_ADAPTER_DIR
+                merged = merged_from_adapter(self.cfg["model"], str(adapter))
+            else:
+                merged = peft_model.merge_and_unload()
             merged.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             ckpt.finalize(tmp, directory)

@@ -50,7 +50,8 @@ def logprob_head(head: nn.Linear, targets: torch.Tensor, chunk_size: int) -> Ite
             mean = flat.float() @ (weight.sum(0) / weight.shape[0])
             if head.bias is not None:
                 mean = mean + head.bias.float().mean()
-        return torch.stack([*out, mean.to(out[0].dtype)], dim=-1).view(b, t, 4)
+        # A fresh tensor, not a view: FSDP2 hooks the root module's output for its backward.
+        return torch.stack([o.view(b, t) for o in (*out, mean.to(out[0].dtype))], dim=-1)
 
     head.forward = forward  # type: ignore[method-assign]
     try:

@@ -91,23 +91,63 @@ def load_tokenizer(model_cfg: dict[str, Any]) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def check_quantization(model_cfg: dict[str, Any], model_args: dict[str, Any] | None) -> bool:
+    """Whether QLoRA's 4-bit loading is asked for (``model_args.load_in_4bit``); refuses, with
+    the reason, what cannot work: no LoRA on top, no CUDA GPU or no bitsandbytes, or a model
+    initialised from its config (there are no trained weights to quantize)."""
+    if not model_args or not model_args.get("load_in_4bit"):
+        return False
+    if not model_args.get("use_peft"):
+        raise ConfigError("model_args.load_in_4bit is QLoRA: set model_args.use_peft=true too")
+    import importlib.util
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "model_args.load_in_4bit (QLoRA) needs a CUDA GPU and the bitsandbytes package "
+            "(pip install bitsandbytes); this machine has "
+            + ("no CUDA GPU" if not torch.cuda.is_available() else "no bitsandbytes")
+        )
+    if model_cfg.get("init_from_config"):
+        raise ConfigError(
+            "model_args.load_in_4bit quantizes pretrained weights: set "
+            "model.init_from_config=false and model.model_name_or_path to a checkpoint"
+        )
+    return True
+
+
+def quantization_config(model_cfg: dict[str, Any], model_args: dict[str, Any]):
+    """QLoRA's 4-bit storage (NF4 by default, TRL ModelConfig keys ``bnb_4bit_quant_type``,
+    ``use_bnb_nested_quant``) with matmuls in the model's dtype."""
+    from transformers import BitsAndBytesConfig
+
+    dtype = torch_dtype(model_cfg["torch_dtype"])
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=str(model_args.get("bnb_4bit_quant_type") or "nf4"),
+        bnb_4bit_use_double_quant=bool(model_args.get("use_bnb_nested_quant", False)),
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
 def apply_peft(model: PreTrainedModel, model_args: dict[str, Any] | None) -> torch.nn.Module:
-    """Wrap in LoRA adapters when ``model_args.use_peft`` (TRL ModelConfig keys); QLoRA (4-bit)
-    needs a CUDA GPU and bitsandbytes and is refused otherwise with the reason."""
+    """Wrap in LoRA adapters when ``model_args.use_peft`` (TRL ModelConfig keys). A model loaded
+    in 4 bits (QLoRA, see :func:`load_model`) is first made trainable the PEFT way: frozen
+    quantized base, layer norms and head in fp32, input gradients enabled."""
     if not model_args or not model_args.get("use_peft"):
         if model_args and model_args.get("load_in_4bit"):
             raise ConfigError("model_args.load_in_4bit is QLoRA: set model_args.use_peft=true too")
         return model
-    if model_args.get("load_in_4bit"):
-        import importlib.util
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError(
-                "model_args.load_in_4bit (QLoRA) needs a CUDA GPU and the bitsandbytes package"
-            )
-        raise ConfigError("model_args.load_in_4bit: QLoRA loading is not implemented yet")
-    from peft import LoraConfig, get_peft_model
-
+    if model_args.get("load_in_4bit") and not getattr(model, "is_loaded_in_4bit", False):
+        raise ConfigError(
+            "model_args.load_in_4bit: the model was not loaded in 4 bits "
+            "(pass model_args to load_model)"
+        )
+    if getattr(model, "is_loaded_in_4bit", False):
+        # Activation checkpointing is the trainer's (training_args.gradient_checkpointing).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = model_args.get("lora_target_modules") or "all-linear"
     config = LoraConfig(
         r=int(model_args["lora_r"]),
@@ -126,18 +166,44 @@ def apply_peft(model: PreTrainedModel, model_args: dict[str, Any] | None) -> tor
     return model
 
 
+def merged_from_adapter(model_cfg: dict[str, Any], adapter_dir: str) -> PreTrainedModel:
+    """The base model in full precision (``model.torch_dtype``, on CPU) with the saved LoRA
+    adapter merged in: how a QLoRA run gets a plain checkpoint (merging into 4-bit weights
+    would round the result to the 4-bit grid)."""
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(
+        model_cfg["model_name_or_path"],
+        use_safetensors=True,
+        dtype=torch_dtype(model_cfg["torch_dtype"]),
+        trust_remote_code=model_cfg["trust_remote_code"],
+    )
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
 def is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def load_model(model_cfg: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """From pretrained safetensors, or randomly initialised from ``init_seed`` (tiny model)."""
+def load_model(
+    model_cfg: dict[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    model_args: dict[str, Any] | None = None,
+) -> PreTrainedModel:
+    """From pretrained safetensors, or randomly initialised from ``init_seed`` (tiny model).
+    With ``model_args.load_in_4bit`` (QLoRA), the pretrained weights are quantized to 4 bits
+    on load, on this process's GPU."""
     dtype = torch_dtype(model_cfg["torch_dtype"])
-    common = {
+    common: dict[str, Any] = {
         "dtype": dtype,
         "attn_implementation": model_cfg["attn_implementation"],
         "trust_remote_code": model_cfg["trust_remote_code"],
     }
+    if check_quantization(model_cfg, model_args):
+        from accelerate import PartialState
+
+        common["quantization_config"] = quantization_config(model_cfg, model_args or {})
+        common["device_map"] = {"": PartialState().local_process_index}
     path = model_cfg["model_name_or_path"]
     if model_cfg["init_from_config"]:
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"])
