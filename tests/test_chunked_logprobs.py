@@ -276,3 +276,58 @@ def test_correct_flags_argmax_hits_like_the_plain_computation() -> None:
     expected = ((hidden @ weight.T).argmax(-1) == targets) & (targets != -100)
     assert torch.equal(chunked, expected.float()) and torch.equal(plain, expected.float())
     assert chunked[1] == 1 and not chunked.requires_grad
+
+
+class _CountMatmuls(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_grad_hint_forms_gradients_in_forward_exactly(bias: bool) -> None:
+    """A loss linear in logps (here ``3.7 · Σ a·logps``) with the hint ``a``: the same values
+    and gradients as full logits, and backward runs no matmul (no recomputation); without the
+    hint backward recomputes (3 matmuls per chunk: logits, hidden and weight gradients)."""
+    n, chunk = 37, 8
+    hidden, weight, b, targets = _inputs(n, 50, 16, bias=bias)
+    a, _ = _coef(n)
+    ref = _run(plain_logps_and_lse, hidden, weight, b, targets, (3.7 * a, None))
+    for hint, backward_matmuls in ((a, 0), (None, 3 * 5)):
+        for leaf in (hidden, weight, b):
+            if leaf is not None:
+                leaf.grad = None
+        logps, _, _ = chunked_logps_and_lse(hidden, weight, targets, chunk, b, grad_hint=hint)
+        loss = 3.7 * (a * logps).sum()
+        with _CountMatmuls() as counter:
+            loss.backward()
+        assert counter.count == backward_matmuls
+        torch.testing.assert_close(logps.detach(), ref[0], rtol=1e-5, atol=1e-6)
+        for leaf, r in zip((hidden, weight, b), ref[2], strict=True):
+            if leaf is not None:
+                torch.testing.assert_close(leaf.grad, r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["other_coefficients", "uses_lse", "frozen_weight"])
+def test_a_wrong_hint_falls_back_to_the_exact_backward(case: str) -> None:
+    """The hint is only a guess: a gradient that is not a multiple of it, or that has an lse
+    part, still gets the exact gradients (recomputed); a frozen head still gets hidden's."""
+    n = 23
+    hidden, weight, b, targets = _inputs(n, 40, 8, bias=True)
+    if case == "frozen_weight":
+        weight.requires_grad_(False)
+        b.requires_grad_(False)
+    a, c = _coef(n)
+    coef = {"other_coefficients": (c, None), "uses_lse": (a, c), "frozen_weight": (a, None)}[case]
+    ref = _run(plain_logps_and_lse, hidden, weight, b, targets, coef)
+    got = _run(chunked_logps_and_lse, hidden, weight, b, targets, coef, chunk_size=5, grad_hint=a)
+    for g, r in zip(got[2], ref[2], strict=True):
+        if r is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -111,3 +112,49 @@ def test_chunked_head_under_fsdp2_equals_one_process_with_full_logits(tmp_path) 
     assert sharded["grads"].keys() == grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(sharded["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("trainer", "plw_args"),
+    [
+        ("sft", {}),
+        ("plw", {"prompt_loss_weight": 0.3, "sequence_level_loss": True}),
+        ("ln-plw", {"prompt_loss_weight": 0.5, "sequence_level_loss": False}),
+        ("irl", {"prompt_loss_weight": 0.0, "sequence_level_loss": False}),
+    ],
+)
+def test_trainer_losses_through_the_hinted_head_equal_full_logits(
+    trainer, plw_args, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each SFT-family trainer's ``compute_loss``: chunked (with the gradient hint of the
+    linear losses, formed in forward) = full logits, in loss and every gradient, with the
+    upstream factor the loop applies (``loss × ranks × accumulation``)."""
+    from post_training.losses import chunked
+    from post_training.trainers import TRAINERS
+    from post_training.trainers.sft import COUNT_KEYS
+
+    scales = []  # what the hinted backward found: the upstream scalar, or None (fallback)
+    original = chunked._scale_of
+    monkeypatch.setattr(
+        chunked, "_scale_of", lambda g, h: scales.append(original(g, h)) or scales[-1]
+    )
+    data = batch()
+    results = []
+    for chunk in (0, 7):
+        model = tiny_model()
+        obj = object.__new__(TRAINERS[trainer])
+        obj.args = {"loss_chunk_size": chunk}
+        obj.cfg = {"trainer": {"plw_args": plw_args, "irl_args": {"lambda_td": 0.5, "gamma": 1}}}
+        counts = {k: obj.loss_counts(data)[k].double() for k in COUNT_KEYS}
+        loss, _ = obj.compute_loss(model, data, counts)
+        (loss * 4).backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_full, grads_full), (loss_chunked, grads_chunked) = results
+    if trainer == "irl":  # not linear in the log-probs: no hint, the recomputing backward
+        assert scales == []
+    else:  # the hint was used: backward found the loop's factor 4 and formed no logits
+        assert len(scales) == 1 and scales[0] is not None
+        torch.testing.assert_close(scales[0].float(), torch.tensor(4.0))
+    torch.testing.assert_close(loss_chunked, loss_full, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_full.items():
+        torch.testing.assert_close(grads_chunked[name], grad, rtol=1e-4, atol=1e-6, msg=name)

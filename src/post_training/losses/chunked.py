@@ -9,6 +9,16 @@ O(chunk_size × V) fp32 (plus an fp32 [V, H] accumulator for the weight gradient
 O(N × V); what is saved for backward is the inputs and the [N] logsumexp, nothing of size
 N × V. The cost is one extra ``hidden @ weight.T`` matmul in backward.
 
+**Gradient hint (fused forward-backward).** A loss that is linear in the log-probs (SFT, PLW,
+LN-PLW: ``Σ_t c_t · logp_t`` with coefficients fixed by the masks and the window counts) has
+a gradient ``g_logp = s · c`` known up to the upstream scalar ``s`` before the forward. Given
+``grad_hint = c``, the forward also forms each chunk's logit gradient while its logits are at
+hand and accumulates ``g_hidden`` and ``g_weight`` then: three matmuls, as many as the plain
+computation, and no recomputation. Backward checks that the gradient it receives really is
+``s · c`` with no ``lse`` part (an O(N) test) and returns the precomputed gradients times
+``s``; otherwise it falls back to the recomputing backward, so a wrong hint costs time, never
+correctness. The price is an fp32 [V, H] gradient buffer held from forward to backward.
+
 Math, per row with logits ``z`` (fp32), target ``y`` and ``lse = logsumexp(z)``:
 
 * ``logp = z[y] - lse`` (0 where ``y`` is ignored), ``p = softmax(z) = exp(z - lse)``;
@@ -44,6 +54,70 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
     return logits.to(_math_dtype(logits.dtype))
 
 
+def _logit_grad_(
+    probs_or_logits: Tensor,
+    lse: Tensor,
+    g_logp: Tensor,
+    g_lse: Tensor,
+    targets: Tensor,
+    logits: bool = True,
+) -> Tensor:
+    """In place: ``g_z = p · (g_lse - g_logp) + g_logp · onehot(targets)`` of one chunk, from
+    its logits (``p = exp(z - lse)``) or its probabilities."""
+    g_z = probs_or_logits
+    if logits:
+        g_z.sub_(lse.unsqueeze(1)).exp_()
+    g_z.mul_((g_lse - g_logp).unsqueeze(1))
+    return g_z.scatter_add_(1, targets.unsqueeze(1), g_logp.unsqueeze(1))
+
+
+class _Grads:
+    """Gradients of hidden / weight / bias accumulated chunk by chunk from logit gradients."""
+
+    def __init__(
+        self, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, ...]
+    ) -> None:
+        dtype, device = _math_dtype(hidden.dtype), hidden.device
+        self.hidden = torch.empty_like(hidden) if needs[0] else None
+        self.weight = torch.zeros(weight.shape, dtype=dtype, device=device) if needs[1] else None
+        self.bias = (
+            torch.zeros(weight.shape[0], dtype=dtype, device=device)
+            if needs[2] and bias is not None
+            else None
+        )
+
+    def add(self, g_z: Tensor, h: Tensor, weight: Tensor, rows: slice) -> None:
+        if self.bias is not None:
+            self.bias.add_(g_z.sum(0))
+        g_z_in = g_z.to(h.dtype)  # the grad the logits' fp32 upcast would pass down
+        if self.hidden is not None:
+            self.hidden[rows] = g_z_in @ weight
+        if self.weight is not None:
+            if h.dtype == self.weight.dtype:
+                self.weight.addmm_(g_z_in.T, h)
+            else:
+                self.weight.add_(g_z_in.T @ h)
+
+    def result(self, weight: Tensor, bias: Tensor | None, scale: Tensor | None = None):
+        out = []
+        for grad, like in ((self.hidden, None), (self.weight, weight), (self.bias, bias)):
+            if grad is not None:
+                grad = grad if scale is None else grad * scale.to(grad.dtype)
+                grad = grad if like is None else grad.to(like.dtype)
+            out.append(grad)
+        return tuple(out)
+
+
+def _scale_of(grad: Tensor, hint: Tensor) -> Tensor | None:
+    """``s`` with ``grad == s · hint`` (to fp32 rounding), else None."""
+    norm = (hint * hint).sum()
+    if not norm > 0:
+        return None
+    scale = (grad * hint).sum() / norm
+    tolerance = 1e-5 * grad.abs().max() + 1e-30
+    return scale if bool(((grad - scale * hint).abs() <= tolerance).all()) else None
+
+
 class _ChunkedLogProbs(torch.autograd.Function):
     """Autograd function behind :func:`chunked_logps_and_lse`; see the module docstring."""
 
@@ -55,6 +129,8 @@ class _ChunkedLogProbs(torch.autograd.Function):
         bias: Tensor | None,
         targets: Tensor,
         chunk_size: int,
+        grad_hint: Tensor | None,
+        needs: tuple[bool, bool, bool],
     ) -> tuple[Tensor, Tensor, Tensor]:
         n, dtype = hidden.shape[0], _math_dtype(hidden.dtype)
         logps = torch.zeros(n, dtype=dtype, device=hidden.device)
@@ -62,6 +138,9 @@ class _ChunkedLogProbs(torch.autograd.Function):
         correct = torch.zeros(n, dtype=dtype, device=hidden.device)
         valid = targets != IGNORE_INDEX
         safe = targets.clamp(min=0)
+        hint = None if grad_hint is None or not any(needs) else grad_hint.to(dtype) * valid
+        grads = None if hint is None else _Grads(hidden, weight, bias, needs)
+        zeros = torch.zeros(n, dtype=dtype, device=hidden.device)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             for start in range(0, n, chunk_size):
                 rows = slice(start, start + chunk_size)
@@ -71,9 +150,13 @@ class _ChunkedLogProbs(torch.autograd.Function):
                 lse[rows] = chunk_lse
                 logps[rows] = torch.where(valid[rows], target_logit - chunk_lse, 0.0)
                 correct[rows] = ((logits.argmax(-1) == safe[rows]) & valid[rows]).to(dtype)
+                if grads is not None and hint is not None:
+                    g_z = _logit_grad_(logits, chunk_lse, hint[rows], zeros[rows], safe[rows])
+                    grads.add(g_z, hidden[rows], weight, rows)
                 del logits
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size = chunk_size
+        ctx.hinted = (hint, grads)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(correct)
         return logps, lse, correct
@@ -84,10 +167,18 @@ class _ChunkedLogProbs(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        hint, hinted_grads = ctx.hinted
+        ctx.hinted = (None, None)  # free the buffers whichever path is taken
         if (grad_logps is None and grad_lse is None) or not (
             need_hidden or need_weight or need_bias
         ):
-            return None, None, None, None, None
+            return None, None, None, None, None, None, None
+        if hint is not None and hinted_grads is not None and grad_logps is not None:
+            no_lse_part = grad_lse is None or not bool(grad_lse.any())
+            valid_grad = grad_logps.to(hint.dtype) * (targets != IGNORE_INDEX)
+            scale = _scale_of(valid_grad, hint) if no_lse_part else None
+            if scale is not None:
+                return (*hinted_grads.result(weight, bias, scale), None, None, None, None)
 
         n, device, dtype = hidden.shape[0], hidden.device, lse.dtype
         valid = targets != IGNORE_INDEX
@@ -96,35 +187,15 @@ class _ChunkedLogProbs(torch.autograd.Function):
         g_logp = zeros if grad_logps is None else grad_logps.to(dtype) * valid
         g_lse = zeros if grad_lse is None else grad_lse.to(dtype)
 
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=device) if need_weight else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=device) if need_bias else None
+        grads = _Grads(hidden, weight, bias, (need_hidden, need_weight, need_bias))
         with torch.autocast(device_type=device.type, enabled=False):
             for start in range(0, n, ctx.chunk_size):
                 rows = slice(start, start + ctx.chunk_size)
-                h = hidden[rows]
-                # p = exp(z - lse), then g_z = p * (g_lse - g_logp) + g_logp * onehot, in place.
-                g_z = _chunk_logits(h, weight, bias)
-                g_z.sub_(lse[rows].unsqueeze(1)).exp_()
-                g_z.mul_((g_lse[rows] - g_logp[rows]).unsqueeze(1))
-                g_z.scatter_add_(1, safe[rows].unsqueeze(1), g_logp[rows].unsqueeze(1))
-                if grad_bias is not None:
-                    grad_bias.add_(g_z.sum(0))
-                g_z_in = g_z.to(hidden.dtype)  # the grad the logits' fp32 upcast would pass down
-                if grad_hidden is not None:
-                    grad_hidden[rows] = g_z_in @ weight
-                if grad_weight is not None:
-                    if h.dtype == dtype:
-                        grad_weight.addmm_(g_z_in.T, h)
-                    else:
-                        grad_weight.add_(g_z_in.T @ h)
-                del g_z, g_z_in
-
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None
+                g_z = _chunk_logits(hidden[rows], weight, bias)
+                g_z = _logit_grad_(g_z, lse[rows], g_logp[rows], g_lse[rows], safe[rows])
+                grads.add(g_z, hidden[rows], weight, rows)
+                del g_z
+        return (*grads.result(weight, bias), None, None, None, None)
 
 
 def _check_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None) -> None:
@@ -168,6 +239,7 @@ def chunked_logps_and_lse(
     targets: Tensor,
     chunk_size: int = 1024,
     bias: Tensor | None = None,
+    grad_hint: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Target log-probabilities and logsumexp of ``hidden @ weight.T (+ bias)``, by row chunks.
 
@@ -177,6 +249,10 @@ def chunked_logps_and_lse(
         targets: [N] long token ids; ``-100`` marks ignored rows.
         chunk_size: rows per chunk; ``<= 0`` falls back to :func:`plain_logps_and_lse`.
         bias: optional [V] LM-head bias, same dtype as ``hidden``.
+        grad_hint: optional [N] expected gradient of the loss with respect to ``logps`` up to
+            a scalar (a loss linear in the log-probs, not using ``lse``): the gradients are
+            then formed in forward, without recomputation (see the module docstring); a
+            gradient that turns out otherwise takes the recomputing backward.
 
     Returns:
         ``(logps, lse, correct)``, all [N] fp32 (fp64 for fp64 inputs, for ``gradcheck``):
@@ -200,4 +276,11 @@ def chunked_logps_and_lse(
     if chunk_size <= 0:
         with torch.autocast(device_type=device_type, enabled=False):
             return plain_logps_and_lse(hidden, weight, targets, bias)
-    return _ChunkedLogProbs.apply(hidden, weight, bias, targets, chunk_size)
+    needs = (
+        hidden.requires_grad,
+        weight.requires_grad,
+        bias is not None and bias.requires_grad,
+    )
+    if not torch.is_grad_enabled():
+        grad_hint = None
+    return _ChunkedLogProbs.apply(hidden, weight, bias, targets, chunk_size, grad_hint, needs)

@@ -35,16 +35,25 @@ def chunkable_head(model: nn.Module) -> nn.Linear | None:
 
 
 @contextmanager
-def logprob_head(head: nn.Linear, targets: torch.Tensor, chunk_size: int) -> Iterator[None]:
+def logprob_head(
+    head: nn.Linear,
+    targets: torch.Tensor,
+    chunk_size: int,
+    grad_hint: torch.Tensor | None = None,
+) -> Iterator[None]:
     """Within the block, ``head(hidden)`` returns [B, T, 4] = (logps, lse, correct, logit_mean)
-    for ``targets`` [B, T] (already aligned to the predictions; -100 ignored). ``logit_mean``
+    for ``targets`` [B, T] (already aligned to the predictions; -100 ignored); ``grad_hint``
+    [B, T]: see :func:`post_training.losses.chunked_logps_and_lse`. ``logit_mean``
     (the mean logit over the vocabulary, a metric) is linear in the hidden state:
     ``hidden · Σ_v W_v / V + mean(bias)``, so it needs no logits either."""
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         b, t, h = hidden.shape
         flat = hidden.reshape(-1, h)
-        out = chunked_logps_and_lse(flat, head.weight, targets.reshape(-1), chunk_size, head.bias)
+        hint = None if grad_hint is None else grad_hint.reshape(-1)
+        out = chunked_logps_and_lse(
+            flat, head.weight, targets.reshape(-1), chunk_size, head.bias, grad_hint=hint
+        )
         with torch.no_grad():
             weight = head.weight.float()
             mean = flat.float() @ (weight.sum(0) / weight.shape[0])

@@ -41,14 +41,31 @@ def sequence_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
     return (docs + offset).masked_fill(batch["attention_mask"] == 0, -1)
 
 
+def sft_masks(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """The masks aligned to the predicted token: ``target`` (real, predicted), ``prompt``,
+    ``completion``, and ``sequence`` (packed document ids, else None)."""
+    ids = sequence_ids(batch)
+    return {
+        "target": shift_labels(target_mask(batch), 0),
+        "prompt": shift_labels(batch["prompt_mask"], 0),
+        "completion": shift_labels(batch["completion_mask"], 0),
+        "sequence": None if ids is None else shift_labels(ids, -1),
+    }
+
+
 def sft_forward(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 0
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    chunk_size: int = 0,
+    grad_hint: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Aligned per-token tensors: logps, lse, correct (argmax hit) and the shifted masks.
 
     Every real token is a target (PLW weights prompt tokens too); the masks select which count.
     With ``chunk_size > 0`` the LM head computes them chunk by chunk from the last hidden state
-    (see :mod:`post_training.trainers.lm_head`): full-vocabulary logits are never held.
+    (see :mod:`post_training.trainers.lm_head`): full-vocabulary logits are never held; a
+    ``grad_hint`` [B, T] (the loss's gradient in the log-probs, up to a scalar) lets it form
+    the gradients in the forward pass instead of recomputing the logits in backward.
     Packed batches (``position_ids``) go in without an attention mask, so that transformers
     keeps attention inside each document.
     """
@@ -62,23 +79,19 @@ def sft_forward(
         inputs["attention_mask"] = batch["attention_mask"]
     head = chunkable_head(model) if chunk_size > 0 else None
     if head is not None:
-        with logprob_head(head, shift_labels(tokens, IGNORE_INDEX), chunk_size):
+        with logprob_head(head, shift_labels(tokens, IGNORE_INDEX), chunk_size, grad_hint):
             logps, lse, correct, logit_mean = model(**inputs).logits.unbind(-1)
     else:
         logits = model(**inputs).logits
         logps, lse, correct = next_token_logps_and_lse(logits, tokens)
         logit_mean = logits.detach().float().mean(-1)
         del logits
-    ids = sequence_ids(batch)
     return {
         "logps": logps,
         "lse": lse,
         "correct": correct,
         "logit_mean": logit_mean,
-        "target": shift_labels(valid, 0),
-        "prompt": shift_labels(batch["prompt_mask"], 0),
-        "completion": shift_labels(batch["completion_mask"], 0),
-        "sequence": None if ids is None else shift_labels(ids, -1),
+        **sft_masks(batch),
     }
 
 
@@ -111,6 +124,10 @@ def exact_matches(out: dict[str, torch.Tensor]) -> torch.Tensor:
 class SFTTrainer(Trainer):
     """Mean NLL over completion tokens: PLW with prompt weight 0."""
 
+    # The loss is linear in the log-probs and ignores lse: its gradient in the log-probs is
+    # known before the forward, which lets the chunked head skip recomputation.
+    linear_in_logps = True
+
     def loss_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prompt = shift_labels(batch["prompt_mask"], 0)
         completion = shift_labels(batch["completion_mask"], 0)
@@ -123,9 +140,26 @@ class SFTTrainer(Trainer):
         }
 
     def forward(
-        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        grad_hint: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        return sft_forward(model, batch, int(self.args.get("loss_chunk_size") or 0))
+        return sft_forward(model, batch, int(self.args.get("loss_chunk_size") or 0), grad_hint)
+
+    def logp_gradient(
+        self, batch: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """``d loss / d logps`` of this micro-batch, from :meth:`loss_from` itself at zero
+        log-probs (for a loss linear in them, the gradient does not depend on where)."""
+        masks = sft_masks(batch)
+        with torch.enable_grad():
+            probe = torch.zeros(
+                masks["target"].shape, device=batch["input_ids"].device, requires_grad=True
+            )
+            loss, _ = self.loss_from({**masks, "logps": probe, "lse": probe.detach()}, counts)
+            (grad,) = torch.autograd.grad(loss, probe)
+        return grad
 
     def loss_from(
         self, out: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]
@@ -135,7 +169,10 @@ class SFTTrainer(Trainer):
         )
 
     def compute_loss(self, model, batch, counts):
-        out = self.forward(model, batch)
+        hint = None
+        if self.linear_in_logps and torch.is_grad_enabled() and self.args.get("loss_chunk_size"):
+            hint = self.logp_gradient(batch, counts)
+        out = self.forward(model, batch, hint)
         loss, metrics = self.loss_from(out, counts)
         prompt_hits = (out["correct"] * out["prompt"]).sum()
         completion_hits = (out["correct"] * out["completion"]).sum()
@@ -196,6 +233,8 @@ class LNPLWTrainer(PLWTrainer):
 
 class IRLTrainer(SFTTrainer):
     """``trainer=irl``: base PLW loss + ``λ``·TD term (``irl_args.lambda_td``, ``gamma``)."""
+
+    linear_in_logps = False  # the TD term is quadratic in Q and uses lse
 
     def loss_from(self, out, counts):
         plw: dict[str, Any] = self.cfg["trainer"]["plw_args"]
