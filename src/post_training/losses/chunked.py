@@ -151,9 +151,10 @@ class _ChunkedLogProbs(torch.autograd.Function):
                 logps[rows] = torch.where(valid[rows], target_logit - chunk_lse, 0.0)
                 correct[rows] = ((logits.argmax(-1) == safe[rows]) & valid[rows]).to(dtype)
                 if grads is not None and hint is not None:
-                    g_z = _logit_grad_(logits, chunk_lse, hint[rows], zeros[rows], safe[rows])
-                    grads.add(g_z, hidden[rows], weight, rows)
-                del logits
+                    # In place: the logits become their gradient (no second [chunk, V]).
+                    _logit_grad_(logits, chunk_lse, hint[rows], zeros[rows], safe[rows])
+                    grads.add(logits, hidden[rows], weight, rows)
+                del logits  # before the next chunk's logits exist
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size = chunk_size
         ctx.hinted = (hint, grads)
