@@ -224,7 +224,8 @@ def attn_implementation(device: str) -> str:
 
 def median_row(runs: list[dict[str, Any]], peak: float) -> dict[str, Any]:
     """Medians over repeats; MFU against the scenario's one peak (see :func:`machine_peak`)."""
-    keys = ("tokens_per_s", "examples_per_s", "tflops", "peak_memory_gb", "timed_s")
+    keys = ("tokens_per_s", "examples_per_s", "tflops", "peak_memory_gb", "step_memory_gb")
+    keys += ("timed_s",)
     keys += ("cpu_utilisation", "tokens_per_cpu_s")
     out = {k: statistics.median(r[k] for r in runs) for k in keys}
     out["mfu"] = out["tflops"] * 1e12 / peak
@@ -329,6 +330,7 @@ def ratios(ours: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
         "tokens_per_cpu_s": ours["tokens_per_cpu_s"] / other["tokens_per_cpu_s"],
         "examples_per_s": ours["examples_per_s"] / other["examples_per_s"],
         "peak_memory": ours["peak_memory_gb"] / other["peak_memory_gb"],
+        "step_memory": ours["step_memory_gb"] / max(other["step_memory_gb"], 1e-9),
         "mfu": ours["mfu"] / other["mfu"],
     }
 
@@ -368,7 +370,7 @@ def format_training(result: dict[str, Any]) -> str:
     m = s["model"]
     header = (
         f"{'variant':12} {'impl':5} {'tokens/s':>9} {'pairs/s':>8} {'MFU':>6} {'TFLOP/s':>8} "
-        f"{'peak GB':>8} {'tok/step':>8} {'CPU use':>7} {'tok/CPU-s':>9}"
+        f"{'peak GB':>8} {'step GB':>8} {'tok/step':>8} {'CPU use':>7} {'tok/CPU-s':>9}"
     )
     lines = [
         f"== {s['name']}: {s['kind'].upper()} on {s['device']}, Llama {m['num_hidden_layers']}L "
@@ -388,6 +390,7 @@ def format_training(result: dict[str, Any]) -> str:
             lines.append(
                 f"{row['variant']:12} {impl:5} {r['tokens_per_s']:9,.0f} {pairs} "
                 f"{r['mfu']:6.1%} {r['tflops']:8.4f} {r['peak_memory_gb']:8.2f} "
+                f"{r['step_memory_gb']:8.2f} "
                 f"{r['tokens_per_step']:8,.0f} {r['cpu_utilisation']:7.2f} "
                 f"{r['tokens_per_cpu_s']:9,.0f}"
             )
@@ -402,7 +405,8 @@ def format_training(result: dict[str, Any]) -> str:
             plain = row["ratio_plain"]
             lines.append(
                 f"{row['variant']:12} ours/plain HF loss: tokens/s {plain['tokens_per_s']:.2f}x, "
-                f"peak memory {plain['peak_memory']:.2f}x"
+                f"peak memory {plain['peak_memory']:.2f}x, memory added by the steps "
+                f"{plain['step_memory']:.2f}x"
             )
     lines.append(
         f"peak for MFU: {result['peak_flops'] / 1e9:,.1f} GFLOP/s; CPU use = CPU s per wall s "

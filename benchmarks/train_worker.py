@@ -16,7 +16,11 @@ totals of non-pad input tokens, examples (packed rows for SFT, pairs for DPO) an
 attention ran over). Throughput is over the steps after the warm-up ones, from the end of the
 last warm-up step to the end of the last step, so model loading, data preparation, reference
 precomputation and the final save are outside it. Peak memory: the process's ``VmHWM`` (peak RSS)
-on CPU, ``torch.cuda.max_memory_allocated`` on GPU.
+on CPU, ``torch.cuda.max_memory_allocated`` on GPU, over the whole process; ``step_memory_gb``
+is the peak during the training steps minus the memory in use just before the first one
+(``VmRSS``; CUDA allocated): what the steps themselves add on top of the loaded model and data.
+For it the peak is reset before the first step (``/proc/self/clear_refs``;
+``torch.cuda.reset_peak_memory_stats``), after saving the peak so far.
 """
 
 from __future__ import annotations
@@ -44,10 +48,34 @@ class Marks:
         self.start = time.perf_counter()
         self.rows: list[tuple[float, float, float, float]] = []
         self.cpu: list[float] = []  # process CPU time (all threads) at each step end
+        self.before_training_gb: float | None = None
+        self.peak_before_training_gb = 0.0
+
+    def training_starts(self) -> None:
+        """Called before every step; before the first, records the memory in use and the peak
+        so far, then resets the peak."""
+        if self.before_training_gb is not None:
+            return
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.peak_before_training_gb = peak_memory_gb(device)
+        self.before_training_gb = memory_in_use_gb()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
 
     def step_end(self) -> None:
         self.rows.append((time.perf_counter(), self.tokens, self.examples, self.flops))
         self.cpu.append(time.process_time())
+
+
+def memory_in_use_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**30
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20  # kB
+    return 0.0
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -163,6 +191,7 @@ def run_ours(spec: dict[str, Any], marks: Marks) -> dict[str, Any]:
     original = base.Trainer._optimizer_step
 
     def timed_step(self, window):  # the measurement hook: the loop itself is unchanged
+        marks.training_starts()
         before = (window["tokens"], window["flops"])
         out = original(self, window)
         marks.tokens += window["tokens"] - before[0]
@@ -245,6 +274,7 @@ def run_trl(spec: dict[str, Any], marks: Marks) -> dict[str, Any]:
 
         class Timed(SFTTrainer):
             def training_step(self, model, inputs, *args, **kwargs):
+                marks.training_starts()
                 count(inputs, pairs=False)
                 return super().training_step(model, inputs, *args, **kwargs)
 
@@ -262,6 +292,7 @@ def run_trl(spec: dict[str, Any], marks: Marks) -> dict[str, Any]:
 
         class Timed(DPOTrainer):
             def training_step(self, model, inputs, *args, **kwargs):
+                marks.training_starts()
                 count(inputs, pairs=True)
                 return super().training_step(model, inputs, *args, **kwargs)
 
@@ -308,7 +339,8 @@ def summarize(spec: dict[str, Any], marks: Marks, device: torch.device) -> dict[
         "tflops": flops_per_s / 1e12,
         "peak_flops": peak,
         "mfu": flops_per_s / peak,
-        "peak_memory_gb": peak_memory_gb(device),
+        "peak_memory_gb": max(peak_memory_gb(device), marks.peak_before_training_gb),
+        "step_memory_gb": peak_memory_gb(device) - (marks.before_training_gb or 0.0),
     }
 
 

@@ -38,6 +38,7 @@ def test_cpu_scenario_fields(report: dict) -> None:
         r = row[impl]
         assert len(r["runs"]) == 1
         assert r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0
+        assert 0 <= r["step_memory_gb"] < r["peak_memory_gb"]
         assert 0 < r["mfu"] <= 1
         (run,) = r["runs"]
         assert run["timed_steps"] == 2 and len(run["step_times_s"]) == 2
@@ -52,6 +53,7 @@ def test_cpu_scenario_fields(report: dict) -> None:
         "tokens_per_cpu_s",
         "examples_per_s",
         "peak_memory",
+        "step_memory",
         "mfu",
     }
     assert set(result["targets"]) == {
