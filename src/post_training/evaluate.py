@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from post_training.data_sft.load import read_eval_rows
 from post_training.utils.config import ConfigError, to_container
 from post_training.utils.models import torch_dtype
+from post_training.utils.tracking import MetricsLogger
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,31 @@ def evaluate_checkpoint(
     result.update(model_path=str(model_path), dataset=dataset_cfg["name"])
     write_result(result, output_file or default_output_file(model_path, dataset_cfg["name"]))
     return result
+
+
+def evaluate_final_model(
+    model_path: Path,
+    dataset_cfg: dict[str, Any],
+    evaluation: dict[str, Any],
+    dtype: str,
+    metrics: MetricsLogger,
+    step: int,
+) -> None:
+    """End of training: score the saved final model (``evaluation.max_examples``,
+    ``max_new_tokens``, ``batch_size``) and log ``eval_accuracy`` (and per task) at ``step``."""
+    result = evaluate_checkpoint(
+        model_path,
+        dataset_cfg,
+        evaluation["max_examples"],
+        int(evaluation["max_new_tokens"]),
+        int(evaluation["batch_size"]),
+        dtype,
+    )
+    metrics.log(
+        {"eval_accuracy": result["accuracy"]}
+        | {f"eval_accuracy/{k}": v for k, v in result["per_task"].items()},
+        step,
+    )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

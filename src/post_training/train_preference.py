@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from post_training.data_alignment.preference import load_preference_data, require_columns
 from post_training.data_alignment.ref_logps import cached_reference_logps
-from post_training.evaluate import evaluate_checkpoint
+from post_training.evaluate import evaluate_final_model
 from post_training.losses.dpo import REFERENCE_FREE
 from post_training.train_sft import apply_debug
 from post_training.trainers.preference import PREFERENCE_TRAINERS, REF_KEYS
@@ -127,17 +127,12 @@ def run(cfg: DictConfig) -> int:
         accelerator.free_memory()
         evaluation = config["evaluation"]
         if evaluation["at_end"] and evaluation.get("dataset") and accelerator.is_main_process:
-            result = evaluate_checkpoint(
+            evaluate_final_model(
                 outcome.final_model_dir,
                 evaluation["dataset"],
-                evaluation["max_examples"],
-                int(evaluation["max_new_tokens"]),
-                int(evaluation["batch_size"]),
+                evaluation,
                 cfg.model.torch_dtype,
-            )
-            metrics.log(
-                {"eval_accuracy": result["accuracy"]}
-                | {f"eval_accuracy/{k}": v for k, v in result["per_task"].items()},
+                metrics,
                 outcome.state.global_step,
             )
         return 0

@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from post_training.data_sft.load import load_sft_data
-from post_training.evaluate import evaluate_checkpoint
+from post_training.evaluate import evaluate_final_model
 from post_training.trainers import TRAINERS
 from post_training.trainers.base import check_eval_strategy, check_training_length
 from post_training.utils.config import ConfigError, register_resolvers
@@ -86,17 +86,12 @@ def run(cfg: DictConfig) -> int:
         del trainer, model  # evaluation scores the saved final model, as `evaluate` would
         accelerator.free_memory()
         if cfg.evaluation.at_end and data.eval_rows and accelerator.is_main_process:
-            result = evaluate_checkpoint(
+            evaluate_final_model(
                 outcome.final_model_dir,
                 run_ctx.config["dataset"],
-                cfg.evaluation.max_examples,
-                int(cfg.evaluation.max_new_tokens),
-                int(cfg.evaluation.batch_size),
+                run_ctx.config["evaluation"],
                 cfg.model.torch_dtype,
-            )
-            metrics.log(
-                {"eval_accuracy": result["accuracy"]}
-                | {f"eval_accuracy/{k}": v for k, v in result["per_task"].items()},
+                metrics,
                 outcome.state.global_step,
             )
         return 0
