@@ -102,7 +102,9 @@ class _Grads:
         out = []
         for grad, like in ((self.hidden, None), (self.weight, weight), (self.bias, bias)):
             if grad is not None:
-                grad = grad if scale is None else grad * scale.to(grad.dtype)
+                if scale is not None:  # scaled at fp32 or better, then back to the grad's dtype
+                    wide = torch.promote_types(grad.dtype, scale.dtype)
+                    grad = (grad.to(wide) * scale).to(grad.dtype)
                 grad = grad if like is None else grad.to(like.dtype)
             out.append(grad)
         return tuple(out)
