@@ -69,21 +69,26 @@ class Marks:
         self.cpu.append(time.process_time())
 
 
+def status_gb(field: str) -> float | None:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in GiB; None if absent."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 2**20  # kB
+    return None
+
+
 def memory_in_use_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.memory_allocated() / 2**30
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 2**20  # kB
-    return 0.0
+    return status_gb("VmRSS") or 0.0
 
 
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20  # kB
+    peak = status_gb("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -161,17 +166,12 @@ def hf_loss_trainer() -> type:
     ``model(..., labels=...).loss``, i.e. full-vocabulary logits [B, T, V] and the library's
     cross-entropy (mean over completion tokens: equal to ours with one micro-batch on one
     rank). Everything else (data, packing, loop, optimizer) is ours, so only the loss differs."""
-    from post_training.trainers.sft import SFTTrainer
+    from post_training.trainers.sft import SFTTrainer, model_inputs
 
     class HFLossTrainer(SFTTrainer):
         def compute_loss(self, model, batch, counts):
             labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-            inputs = {"input_ids": batch["input_ids"], "labels": labels, "use_cache": False}
-            if "position_ids" in batch:
-                inputs["position_ids"] = batch["position_ids"]
-            else:
-                inputs["attention_mask"] = batch["attention_mask"]
-            return model(**inputs).loss, {}
+            return model(**model_inputs(batch), labels=labels).loss, {}
 
         def summarize(self, sums, counts):
             return {}

@@ -55,18 +55,11 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
 
 
 def _logit_grad_(
-    probs_or_logits: Tensor,
-    lse: Tensor,
-    g_logp: Tensor,
-    g_lse: Tensor,
-    targets: Tensor,
-    logits: bool = True,
+    logits: Tensor, lse: Tensor, g_logp: Tensor, g_lse: Tensor, targets: Tensor
 ) -> Tensor:
-    """In place: ``g_z = p · (g_lse - g_logp) + g_logp · onehot(targets)`` of one chunk, from
-    its logits (``p = exp(z - lse)``) or its probabilities."""
-    g_z = probs_or_logits
-    if logits:
-        g_z.sub_(lse.unsqueeze(1)).exp_()
+    """In place, one chunk's logits become their gradient:
+    ``g_z = p · (g_lse - g_logp) + g_logp · onehot(targets)`` with ``p = exp(z - lse)``."""
+    g_z = logits.sub_(lse.unsqueeze(1)).exp_()
     g_z.mul_((g_lse - g_logp).unsqueeze(1))
     return g_z.scatter_add_(1, targets.unsqueeze(1), g_logp.unsqueeze(1))
 
@@ -142,7 +135,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
         safe = targets.clamp(min=0)
         hint = None if grad_hint is None or not any(needs) else grad_hint.to(dtype) * valid
         grads = None if hint is None else _Grads(hidden, weight, bias, needs)
-        zeros = torch.zeros(n, dtype=dtype, device=hidden.device)
+        no_lse_grad = None if hint is None else torch.zeros_like(hint)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             for start in range(0, n, chunk_size):
                 rows = slice(start, start + chunk_size)
@@ -152,9 +145,9 @@ class _ChunkedLogProbs(torch.autograd.Function):
                 lse[rows] = chunk_lse
                 logps[rows] = torch.where(valid[rows], target_logit - chunk_lse, 0.0)
                 correct[rows] = ((logits.argmax(-1) == safe[rows]) & valid[rows]).to(dtype)
-                if grads is not None and hint is not None:
+                if grads is not None and hint is not None and no_lse_grad is not None:
                     # In place: the logits become their gradient (no second [chunk, V]).
-                    _logit_grad_(logits, chunk_lse, hint[rows], zeros[rows], safe[rows])
+                    _logit_grad_(logits, chunk_lse, hint[rows], no_lse_grad[rows], safe[rows])
                     grads.add(logits, hidden[rows], weight, rows)
                 del logits  # before the next chunk's logits exist
         ctx.save_for_backward(hidden, weight, bias, targets, lse)

@@ -53,6 +53,18 @@ def sft_masks(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
     }
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The causal LM's inputs for a batch: packed batches (``position_ids``) go in without an
+    attention mask and without a KV cache, so that transformers keeps attention inside each
+    document; padded batches with their attention mask."""
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
+    else:
+        inputs["attention_mask"] = batch["attention_mask"]
+    return inputs
+
+
 def sft_forward(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -66,17 +78,10 @@ def sft_forward(
     (see :mod:`post_training.trainers.lm_head`): full-vocabulary logits are never held; a
     ``grad_hint`` [B, T] (the loss's gradient in the log-probs, up to a scalar) lets it form
     the gradients in the forward pass instead of recomputing the logits in backward.
-    Packed batches (``position_ids``) go in without an attention mask, so that transformers
-    keeps attention inside each document.
+    The model's inputs: :func:`model_inputs`.
     """
-    valid = target_mask(batch)
-    tokens = batch["input_ids"].masked_fill(valid == 0, IGNORE_INDEX)
-    # No KV cache: transformers only looks for packed documents when there is none.
-    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
-    if "position_ids" in batch:
-        inputs["position_ids"] = batch["position_ids"]
-    else:
-        inputs["attention_mask"] = batch["attention_mask"]
+    tokens = batch["input_ids"].masked_fill(target_mask(batch) == 0, IGNORE_INDEX)
+    inputs = model_inputs(batch)
     head = chunkable_head(model) if chunk_size > 0 else None
     if head is not None:
         with logprob_head(head, shift_labels(tokens, IGNORE_INDEX), chunk_size, grad_hint):

@@ -134,18 +134,17 @@ def apply_peft(model: PreTrainedModel, model_args: dict[str, Any] | None) -> tor
     """Wrap in LoRA adapters when ``model_args.use_peft`` (TRL ModelConfig keys). A model loaded
     in 4 bits (QLoRA, see :func:`load_model`) is first made trainable the PEFT way: frozen
     quantized base, layer norms and head in fp32, input gradients enabled."""
+    quantized = getattr(model, "is_loaded_in_4bit", False)
+    if model_args and model_args.get("load_in_4bit") and not quantized:
+        raise ConfigError(
+            "model_args.load_in_4bit: the model was not loaded in 4 bits (load_model checks the "
+            "QLoRA settings and quantizes: pass it model_args)"
+        )
     if not model_args or not model_args.get("use_peft"):
-        if model_args and model_args.get("load_in_4bit"):
-            raise ConfigError("model_args.load_in_4bit is QLoRA: set model_args.use_peft=true too")
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if model_args.get("load_in_4bit") and not getattr(model, "is_loaded_in_4bit", False):
-        raise ConfigError(
-            "model_args.load_in_4bit: the model was not loaded in 4 bits "
-            "(pass model_args to load_model)"
-        )
-    if getattr(model, "is_loaded_in_4bit", False):
+    if quantized:
         # Activation checkpointing is the trainer's (training_args.gradient_checkpointing).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = model_args.get("lora_target_modules") or "all-linear"
