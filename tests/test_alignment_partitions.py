@@ -16,8 +16,7 @@ from post_training.data_alignment.partitions import (
     assemble,
     read_stage,
 )
-from post_training.data_sft.messages import DataError
-from post_training.utils.config import ConfigError
+from post_training.errors import ConfigError, DataError
 
 
 def _write(out_dir: Path, index: int, count: int, rows: list[dict], digest: str = "h1") -> Path:

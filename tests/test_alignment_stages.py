@@ -26,8 +26,8 @@ from post_training.data_alignment.rewards import (
     register_reward,
     resolve_reward_function,
 )
-from post_training.data_sft.messages import DataError
-from post_training.utils.config import ConfigError, asset_path
+from post_training.errors import ConfigError, DataError
+from post_training.utils.config import asset_path
 from post_training.utils.models import load_model
 
 from .conftest import run_entrypoint

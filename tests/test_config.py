@@ -9,14 +9,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from post_training.errors import ConfigError
 from post_training.trainers.base import check_training_length
-from post_training.utils.config import (
-    CONFIGS_DIR,
-    ConfigError,
-    config_hash,
-    diff_configs,
-    to_container,
-)
+from post_training.utils.config import CONFIGS_DIR, config_hash, diff_configs, to_container
 from post_training.utils.run import setup_run
 
 from .conftest import run_entrypoint

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, DatasetDict
 
-from post_training.data_sft.messages import DataError
 from post_training.data_sft.sources import load, load_source, source_fingerprint, source_name
+from post_training.errors import DataError
 
 ROWS = [
     {"question": "add 1+2", "answer": "3"},

@@ -12,11 +12,11 @@ from datasets import Dataset
 from omegaconf import OmegaConf
 
 from post_training.data_sft.dataset import load_train_eval
-from post_training.data_sft.messages import DataError
 from post_training.data_sft.mixture import load_dataset_split, plan_counts
 from post_training.data_sft.sources import load_source
 from post_training.data_sft.split import split_dataset, stratified_allocation
-from post_training.utils.config import CONFIGS_DIR, ConfigError, register_resolvers
+from post_training.errors import ConfigError, DataError
+from post_training.utils.config import CONFIGS_DIR, register_resolvers
 from tests.conftest import run_entrypoint
 
 register_resolvers()

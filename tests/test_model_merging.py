@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from post_training.errors import ConfigError
 from post_training.model_merging.model_merging import (
     CONFIG_FILE,
     MANIFEST_FILE,
@@ -29,7 +30,7 @@ from post_training.model_merging.model_merging import (
     run,
     validate,
 )
-from post_training.utils.config import CONFIGS_DIR, ConfigError, to_container
+from post_training.utils.config import CONFIGS_DIR, to_container
 from post_training.utils.models import load_model, load_tokenizer
 
 from .conftest import run_entrypoint

@@ -18,8 +18,8 @@ from post_training.data_alignment.preference import (
     tiny_task_pairs,
 )
 from post_training.data_sft.collate import pad_collate
-from post_training.data_sft.messages import DataError
 from post_training.data_sft.tokenize import ChatEncoder, TokenizeOptions, tokenize_chat
+from post_training.errors import DataError
 from post_training.trainers.preference import pair_statistics
 from post_training.trainers.sft import sft_forward
 from post_training.utils.config import asset_path

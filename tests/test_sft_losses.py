@@ -180,8 +180,8 @@ def test_sequence_exact_match_scores_the_last_assistant_turn_only() -> None:
 
 
 def test_eval_strategy_is_checked() -> None:
+    from post_training.errors import ConfigError
     from post_training.trainers.base import check_eval_strategy
-    from post_training.utils.config import ConfigError
 
     assert check_eval_strategy({"eval_strategy": "epoch"}) == "epoch"
     assert check_eval_strategy({"eval_steps": None}) == "steps"

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from post_training.errors import SubmitError
 from post_training.utils import submit
 from post_training.utils.config import CONFIGS_DIR, to_container
 from post_training.utils.submit import (
     Model,
     Run,
-    SubmitError,
     gradient_accumulation,
     hydra_override,
     hydra_value,

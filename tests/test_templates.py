@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from post_training.data_sft.messages import DataError
 from post_training.data_sft.templates import TEMPLATES, resolve_template, template_from_mapping
 from post_training.data_sft.tokenize import (
     IGNORE_INDEX,
@@ -19,7 +18,8 @@ from post_training.data_sft.tokenize import (
     reference_masks,
     tokenize_chat,
 )
-from post_training.utils.config import ConfigError, asset_path
+from post_training.errors import ConfigError, DataError
+from post_training.utils.config import asset_path
 from post_training.utils.models import load_model, load_tokenizer, stop_token_ids
 from tests.bpe_tokenizer import bpe_tokenizer, bpe_tokenizer_dir
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from post_training.data_sft.messages import DataError
 from post_training.data_sft.mixture import load_dataset_split
 from post_training.data_sft.transforms import (
     TRANSFORMS,
@@ -17,6 +16,7 @@ from post_training.data_sft.transforms import (
     get_transform,
     register_transform,
 )
+from post_training.errors import DataError
 
 
 def user(text: str) -> dict[str, str]:

@@ -22,7 +22,8 @@ from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from post_training.data_sft.load import read_eval_rows
-from post_training.utils.config import ConfigError, to_container
+from post_training.errors import ConfigError
+from post_training.utils.config import to_container
 from post_training.utils.models import torch_dtype
 from post_training.utils.tracking import MetricsLogger
 

@@ -19,10 +19,11 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from post_training.data_sft.load import load_sft_data
+from post_training.errors import ConfigError
 from post_training.evaluate import evaluate_final_model
 from post_training.trainers import TRAINERS
 from post_training.trainers.base import check_eval_strategy, check_training_length
-from post_training.utils.config import ConfigError, register_resolvers
+from post_training.utils.config import register_resolvers
 from post_training.utils.models import apply_peft, check_quantization, load_model, load_tokenizer
 from post_training.utils.run import setup_run
 from post_training.utils.signals import EXIT_CODE_STOPPED

@@ -34,8 +34,8 @@ from post_training.data_alignment.stage import (
     stage_output,
 )
 from post_training.data_sft.load import tokenizer_fingerprint
-from post_training.data_sft.messages import DataError
 from post_training.data_sft.tokenize import FilterReport
+from post_training.errors import DataError
 from post_training.utils.models import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)

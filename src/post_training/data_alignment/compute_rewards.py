@@ -25,8 +25,7 @@ from omegaconf import DictConfig
 from post_training.data_alignment.partitions import read_stage
 from post_training.data_alignment.rewards import RewardModel, resolve_reward_function
 from post_training.data_alignment.stage import begin, device, finite, now, shard_map, stage_output
-from post_training.data_sft.messages import DataError
-from post_training.utils.config import ConfigError
+from post_training.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 STAGE = "compute_rewards"

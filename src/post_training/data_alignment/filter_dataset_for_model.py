@@ -38,7 +38,7 @@ from post_training.data_alignment.stage import (
 from post_training.data_sft.dataset import dataset_specs, load_train_eval
 from post_training.data_sft.load import spec_fingerprints
 from post_training.data_sft.tokenize import FilterReport
-from post_training.utils.config import ConfigError
+from post_training.errors import ConfigError
 from post_training.utils.models import load_tokenizer
 
 log = logging.getLogger(__name__)

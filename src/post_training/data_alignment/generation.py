@@ -21,7 +21,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from post_training.data_alignment.stage import row_seed
-from post_training.utils.config import ConfigError
+from post_training.errors import ConfigError
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "hf", "vllm")

@@ -26,7 +26,7 @@ from post_training.data_alignment.partitions import (
     write_rows,
 )
 from post_training.data_alignment.stage import begin
-from post_training.utils.config import ConfigError
+from post_training.errors import ConfigError
 from post_training.utils.submit import ALIGNMENT_STAGES
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from post_training.data_sft.messages import DataError
-from post_training.utils.config import ConfigError
+from post_training.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from post_training.data_sft.messages import DataError
 from post_training.data_sft.sources import load_source
 from post_training.data_sft.tokenize import IGNORE_INDEX, ChatEncoder, FilterReport
-from post_training.utils.config import ConfigError
+from post_training.errors import ConfigError, DataError
 
 PreferenceTransform = Callable[..., dict[str, Any]]
 PREFERENCE_TRANSFORMS: dict[str, PreferenceTransform] = {}

@@ -34,9 +34,8 @@ from omegaconf import DictConfig
 from post_training.data_alignment.partitions import read_stage
 from post_training.data_alignment.preference import validate_pair
 from post_training.data_alignment.stage import begin, now, stage_output
-from post_training.data_sft.messages import DataError
 from post_training.data_sft.mixture import plan_counts, sample_indices, source_rng
-from post_training.utils.config import ConfigError
+from post_training.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 STAGE = "prepare_train_dataset"

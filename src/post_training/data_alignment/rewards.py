@@ -27,8 +27,7 @@ from typing import Any
 import torch
 
 from post_training.data_alignment.preference import tiny_task_reward
-from post_training.data_sft.messages import DataError
-from post_training.utils.config import ConfigError
+from post_training.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

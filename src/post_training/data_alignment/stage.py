@@ -28,8 +28,8 @@ import torch
 from omegaconf import DictConfig
 
 from post_training.data_alignment.partitions import Partition, StageOutput, partition_from_config
-from post_training.data_sft.messages import DataError
 from post_training.data_sft.tokenize import ChatEncoder, TokenizeOptions
+from post_training.errors import DataError
 from post_training.utils.config import config_hash, register_resolvers, to_container
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,8 @@ from datasets import Dataset, DatasetDict
 from post_training.data_sft.mixture import load_dataset_split, parse_spec
 from post_training.data_sft.sources import plain
 from post_training.data_sft.split import count_by, split_dataset
-from post_training.utils.config import ConfigError, config_hash
+from post_training.errors import ConfigError
+from post_training.utils.config import config_hash
 
 MANIFEST = "manifest.json"
 FROM_TRAIN_KEYS = ("size", "fraction", "stratify_by", "seed")

@@ -27,7 +27,6 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from post_training.data_sft.dataset import load_train_eval
-from post_training.data_sft.messages import DataError
 from post_training.data_sft.packing import pack_examples, packing_efficiency
 from post_training.data_sft.sources import source_fingerprint
 from post_training.data_sft.templates import resolve_template
@@ -37,6 +36,7 @@ from post_training.data_sft.tokenize import (
     TokenizeOptions,
     make_example,
 )
+from post_training.errors import DataError
 from post_training.utils.config import config_hash
 
 log = logging.getLogger(__name__)

@@ -6,11 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from post_training.errors import DataError
+
 ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the row and the field."""
 
 
 def validate_messages(messages: Any, where: str, field: str = "messages") -> None:

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from post_training.data_sft.messages import DataError
+from post_training.errors import DataError
 
 FORMATS = ("jsonl", "json", "parquet", "csv", "text")
 EXTENSIONS = {

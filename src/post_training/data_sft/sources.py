@@ -38,9 +38,8 @@ from datasets.exceptions import DatasetNotFoundError
 from datasets.table import InMemoryTable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from post_training.data_sft.messages import DataError
 from post_training.data_sft.readers import EXTENSIONS, FORMATS, Locate, format_of, read_files
-from post_training.utils.config import ConfigError
+from post_training.errors import ConfigError, DataError
 
 SOURCE_KEYS = (
     "path",

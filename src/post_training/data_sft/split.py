@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from post_training.utils.config import ConfigError
+from post_training.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

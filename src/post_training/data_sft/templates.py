@@ -24,8 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from post_training.data_sft.messages import DataError
-from post_training.utils.config import ConfigError
+from post_training.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant")
 TEXT_ROLE = "text"

@@ -28,9 +28,8 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from post_training.data_sft.messages import DataError
 from post_training.data_sft.templates import ROLES, TEXT_ROLE, ChatTemplate
-from post_training.utils.config import ConfigError
+from post_training.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

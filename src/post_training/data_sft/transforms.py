@@ -34,7 +34,8 @@ from datasets import Dataset
 from datasets.fingerprint import generate_random_fingerprint
 from datasets.table import InMemoryTable
 
-from post_training.data_sft.messages import ROLES, DataError
+from post_training.data_sft.messages import ROLES
+from post_training.errors import DataError
 
 TransformFn = Callable[..., Mapping[str, Any]]
 Locate = Callable[[int], str]

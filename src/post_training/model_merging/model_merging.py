@@ -31,7 +31,8 @@ import yaml
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from post_training.utils.config import ConfigError, register_resolvers, to_container
+from post_training.errors import ConfigError
+from post_training.utils.config import register_resolvers, to_container
 
 log = logging.getLogger(__name__)
 register_resolvers()

@@ -54,10 +54,6 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; raised before anything is trained or written."""
-
-
 def to_container(cfg: DictConfig) -> dict[str, Any]:
     """Resolved plain-dict copy of a config."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]

@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from post_training.data_sft.templates import TEMPLATES, ChatTemplate, resolve_template
-from post_training.utils.config import ConfigError
+from post_training.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

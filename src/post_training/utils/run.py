@@ -21,8 +21,9 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig
 
+from post_training.errors import ConfigError
 from post_training.utils.checkpointing import latest_checkpoint
-from post_training.utils.config import ConfigError, config_hash, diff_configs, to_container
+from post_training.utils.config import config_hash, diff_configs, to_container
 
 log = logging.getLogger(__name__)
 

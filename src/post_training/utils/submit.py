@@ -30,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from post_training.errors import SubmitError
 from post_training.utils.config import CONFIGS_DIR, PACKAGE_DIR
 
 REPO_DIR = PACKAGE_DIR.parents[1]
@@ -38,10 +39,6 @@ SUBMIT_SCRIPTS_DIR = Path(
 )
 RECURSIVE_SCRIPT = "recursive-unattended-accelerate.sh"
 ACCELERATE_CONFIGS_DIR = CONFIGS_DIR / "accelerate"
-
-
-class SubmitError(ValueError):
-    """A sweep that cannot be turned into submit lines; raised before anything is written."""
 
 
 # ------------------------------------------------------------------------------ arithmetic
