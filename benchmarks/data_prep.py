@@ -70,6 +70,7 @@ import numpy as np
 from post_training.data_sft.packing import pack_examples, packing_efficiency
 from post_training.data_sft.templates import ROLES, TEMPLATES, ChatTemplate
 from post_training.data_sft.tokenize import ChatEncoder, FilterReport, TokenizeOptions
+from post_training.utils.atomic import atomic_dir
 from post_training.utils.config import default_artifacts_dir
 
 TARGET_EXAMPLES_PER_S = 20_000
@@ -253,15 +254,8 @@ def build_tokenizer(artifacts_dir: str | None = None) -> Path:
         model_max_length=32_768,
     )
     fast.chat_template = TEMPLATES["chatml"].bind(None, EOS_TOKEN).to_jinja()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    fast.save_pretrained(staging)
-    try:
-        staging.rename(target)  # atomic; a concurrent build may have won the race
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "tokenizer.json").exists():
-            raise
+    with atomic_dir(target, if_exists="keep") as staging:  # a concurrent build may win the race
+        fast.save_pretrained(staging)
     return target
 
 

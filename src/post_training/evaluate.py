@@ -10,7 +10,6 @@ and written as JSON next to the model.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -23,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from post_training.data_sft.load import read_eval_rows
 from post_training.errors import ConfigError
+from post_training.utils.atomic import atomic_write_json
 from post_training.utils.config import to_container
 from post_training.utils.models import torch_dtype
 from post_training.utils.tracking import MetricsLogger
@@ -106,7 +106,7 @@ def default_output_file(model_path: Path, dataset_name: str) -> Path:
 
 
 def write_result(result: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(path, result)
     summary = ", ".join(f"{k} {v:.3f}" for k, v in result["per_task"].items())
     print(
         f"Exact-match accuracy {result['accuracy']:.3f} on {result['num_examples']} examples"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from post_training.errors import ConfigError, DataError
+from post_training.utils.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -117,20 +117,14 @@ def write_rows(
 ) -> None:
     """Write ``rows.jsonl`` then ``manifest.json`` into a temporary sibling and rename it to
     ``directory`` (which must not exist: the caller decides about overwriting)."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    count = 0
-    with open(tmp / ROWS_FILE, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-    full = {**manifest, "rows": count, "versions": versions()}
-    (tmp / MANIFEST_FILE).write_text(json.dumps(full, indent=2, default=str) + "\n")
-    os.replace(tmp, directory)
+    with atomic_dir(directory, if_exists="error") as tmp:
+        count = 0
+        with open(tmp / ROWS_FILE, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+        full = {**manifest, "rows": count, "versions": versions()}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(full, indent=2, default=str) + "\n")
 
 
 def replace_dir(directory: Path, overwrite: bool, what: str) -> None:

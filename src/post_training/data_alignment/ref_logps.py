@@ -9,7 +9,6 @@ loading the reference model again.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from post_training.data_sft.load import tokenize_options, tokenizer_fingerprint
+from post_training.utils.atomic import atomic_file
 from post_training.utils.config import config_hash
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,12 @@ def cached_reference_logps(
     batch_size = int(config["training_args"]["per_device_eval_batch_size"])
     trainer.precompute_reference(examples, batch_size)
     if trainer.accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        np.savez(
-            tmp,
-            chosen=np.array([e["ref_chosen_logps"] for e in examples]),
-            rejected=np.array([e["ref_rejected_logps"] for e in examples]),
-        )
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            np.savez(
+                tmp,
+                chosen=np.array([e["ref_chosen_logps"] for e in examples]),
+                rejected=np.array([e["ref_rejected_logps"] for e in examples]),
+            )
         log.info("Reference log-probs of %d pairs written to %s", len(examples), path)
     return path
 

@@ -18,9 +18,6 @@ sources with the ``messages`` transform, keeping ``answer_field`` and ``task_fie
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +29,7 @@ from post_training.data_sft.mixture import load_dataset_split, parse_spec
 from post_training.data_sft.sources import plain
 from post_training.data_sft.split import count_by, split_dataset
 from post_training.errors import ConfigError
+from post_training.utils.atomic import atomic_dir
 from post_training.utils.config import config_hash
 
 MANIFEST = "manifest.json"
@@ -123,22 +121,10 @@ def save_splits(
     a temporary sibling, then renamed into place, so the directory is complete or absent."""
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    tmp = output_dir.with_name(f".tmp-{output_dir.name}-{token}")
-    try:
+    with atomic_dir(output_dir) as tmp:
         DatasetDict(dict(splits)).save_to_disk(str(tmp))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         check_output_dir(output_dir, overwrite)  # another process may have written it meanwhile
-        if output_dir.exists():
-            old = output_dir.with_name(f".old-{output_dir.name}-{token}")
-            os.replace(output_dir, old)
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
 
 

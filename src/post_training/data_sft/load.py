@@ -16,8 +16,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from post_training.data_sft.tokenize import (
     make_example,
 )
 from post_training.errors import DataError
+from post_training.utils.atomic import atomic_dir
 from post_training.utils.config import config_hash
 
 log = logging.getLogger(__name__)
@@ -149,20 +148,15 @@ def _tokenize_splits(
 
 
 def _write_cache(directory: Path, splits: dict[str, Any], key: str) -> None:
-    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    reports = {}
-    for split, (examples, index, report) in splits.items():
-        (tmp / split).mkdir()
-        if examples:
-            _save_split(tmp / split, examples, index)
-        reports[split] = report
-    (tmp / "meta.json").write_text(json.dumps({"key": key, "reports": reports}, indent=2))
-    if directory.exists():  # another job wrote the same key meanwhile: identical content
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    tmp.rename(directory)
+    # Another job may write the same key meanwhile: identical content, the first one stays.
+    with atomic_dir(directory, if_exists="keep") as tmp:
+        reports = {}
+        for split, (examples, index, report) in splits.items():
+            (tmp / split).mkdir()
+            if examples:
+                _save_split(tmp / split, examples, index)
+            reports[split] = report
+        (tmp / "meta.json").write_text(json.dumps({"key": key, "reports": reports}, indent=2))
 
 
 def _read_cache(directory: Path) -> dict[str, Any]:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from post_training.errors import ConfigError
+from post_training.utils.atomic import atomic_dir
 from post_training.utils.config import register_resolvers, to_container
 
 log = logging.getLogger(__name__)
@@ -487,16 +486,6 @@ def build_manifest(plan: MergePlan, cfg: Mapping[str, Any]) -> dict[str, Any]:
 # --- Run --------------------------------------------------------------------------------------
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move a complete ``new`` dir to ``target``, removing what was there only afterwards."""
-    old = target.parent / f".old-{target.name}-{os.getpid()}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def run(cfg: DictConfig) -> Path:
     """Validate, merge, write config and manifest; returns the merged model's directory."""
     try:
@@ -511,10 +500,7 @@ def run(cfg: DictConfig) -> Path:
 
     from mergekit.merge import run_merge
 
-    plan.output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = plan.output_dir.parent / f".tmp-{plan.output_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(plan.output_dir) as tmp:
         config_source = yaml.safe_dump(merge_config.model_dump(mode="json", exclude_none=True))
         run_merge(merge_config, str(tmp), options, config_source=config_source)
         if resolved["copy_tokenizer"] and not (tmp / "tokenizer_config.json").is_file():
@@ -522,9 +508,6 @@ def run(cfg: DictConfig) -> Path:
         manifest["merged_weights"] = weight_hashes(tmp)
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, plan.output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"Merged model ({plan.method}) written to {plan.output_dir}", flush=True)
     return plan.output_dir
 

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import resource
-import shutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -30,6 +29,7 @@ from post_training.data_sft.collate import pad_collate
 from post_training.data_sft.sampling import epoch_batches
 from post_training.errors import ConfigError
 from post_training.utils import checkpointing as ckpt
+from post_training.utils.atomic import atomic_dir
 from post_training.utils.flops import ModelFlops, device_peak_flops
 from post_training.utils.models import is_peft_model, merged_from_adapter
 from post_training.utils.run import RunContext
@@ -534,28 +534,24 @@ class Trainer(ABC):
         """LoRA merged into the base weights: a plain checkpoint (end of training only, since
         merging rewrites the model in place)."""
         if self.accelerator.is_main_process:
-            tmp = ckpt.temporary_path(directory)
-            shutil.rmtree(tmp, ignore_errors=True)
             peft_model = self.accelerator.unwrap_model(self.model)
             if getattr(peft_model, "is_loaded_in_4bit", False):  # QLoRA: merge in full precision
                 adapter = self.run.checkpoint_dir / FINAL_ADAPTER_DIR
                 merged = merged_from_adapter(self.cfg["model"], str(adapter))
             else:
                 merged = peft_model.merge_and_unload()
-            merged.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            ckpt.finalize(tmp, directory)
+            with atomic_dir(directory, unique=False, fsync=True) as tmp:
+                merged.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
         self.accelerator.wait_for_everyone()
 
     def save_model(self, directory: Path) -> None:
         """Inference checkpoint: safetensors weights (LoRA: the adapter), config, tokenizer and
         chat template."""
-        tmp = ckpt.temporary_path(directory)
         state_dict = self.accelerator.get_state_dict(self.model)
         if self.accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
             unwrapped = self.accelerator.unwrap_model(self.model)
-            unwrapped.save_pretrained(tmp, state_dict=state_dict)
-            self.tokenizer.save_pretrained(tmp)
-            ckpt.finalize(tmp, directory)
+            with atomic_dir(directory, unique=False, fsync=True) as tmp:
+                unwrapped.save_pretrained(tmp, state_dict=state_dict)
+                self.tokenizer.save_pretrained(tmp)
         self.accelerator.wait_for_everyone()

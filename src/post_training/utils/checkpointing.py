@@ -1,19 +1,20 @@
 """Checkpoint names, atomic completion, discovery and rotation.
 
-A checkpoint is complete or absent: it is written under a temporary name and renamed to
-``checkpoint-<step>`` only once every file is on disk. Temporary leftovers of a killed run are
-never resumed from and are removed at the next save.
+A checkpoint is complete or absent: it is written under a temporary name
+(``.tmp-checkpoint-<step>``, the same on every rank) and renamed to ``checkpoint-<step>`` only
+once every file is on disk (:mod:`post_training.utils.atomic`). Temporary leftovers of a killed
+run are never resumed from and are removed at the next save.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
 
+from post_training.utils.atomic import OLD_PREFIX, TMP_PREFIX, publish, temporary_sibling
+
 PREFIX = "checkpoint-"
-TMP_PREFIX = ".tmp-"
 _STEP = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -22,7 +23,8 @@ def checkpoint_path(root: Path, step: int) -> Path:
 
 
 def temporary_path(final: Path) -> Path:
-    return final.parent / f"{TMP_PREFIX}{final.name}"
+    """``.tmp-<name>``: one name for every rank of a launch (each computes it)."""
+    return temporary_sibling(final, unique=False)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -46,20 +48,15 @@ def step_of(checkpoint: Path) -> int:
 
 
 def remove_stale_temporaries(root: Path) -> None:
-    for p in root.glob(f"{TMP_PREFIX}*"):
-        shutil.rmtree(p, ignore_errors=True)
+    """Remove what a killed save left: temporaries, and directories moved aside to be replaced."""
+    for prefix in (TMP_PREFIX, OLD_PREFIX):
+        for p in root.glob(f"{prefix}*"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def finalize(tmp: Path, final: Path) -> None:
     """Atomically publish a fully written checkpoint (fsync'd rename within one filesystem)."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    publish(tmp, final, fsync=True)
 
 
 def rotate(root: Path, keep: int | None) -> None:

@@ -8,7 +8,6 @@ command resumes and a changed command is refused with the differing keys listed.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -22,6 +21,7 @@ from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig
 
 from post_training.errors import ConfigError
+from post_training.utils.atomic import atomic_write_json, atomic_write_text
 from post_training.utils.checkpointing import latest_checkpoint
 from post_training.utils.config import config_hash, diff_configs, to_container
 
@@ -42,7 +42,7 @@ class RunContext:
 
 
 def dump_yaml(data: dict[str, Any], path: Path) -> None:
-    path.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
 
 
 def _check_no_drift(checkpoints_root: Path, this_hash: str, resolved: dict, ignore: list) -> None:
@@ -108,9 +108,7 @@ def setup_run(cfg: DictConfig, accelerator: Accelerator | None = None) -> RunCon
         dump_yaml(resolved, run_dir / CONFIG_FILE)
         if not (checkpoint_dir / CONFIG_FILE).exists():
             dump_yaml(resolved, checkpoint_dir / CONFIG_FILE)
-        (run_dir / "command.json").write_text(
-            json.dumps({"argv": sys.argv, "config_hash": this_hash}, indent=2) + "\n"
-        )
+        atomic_write_json(run_dir / "command.json", {"argv": sys.argv, "config_hash": this_hash})
     if accelerator is not None and accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
         hydra_dir = _hydra_output_dir() or own_dir
