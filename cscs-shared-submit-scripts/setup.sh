@@ -56,7 +56,7 @@ export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" # compute nodes read models from th
 export WANDB_CACHE_DIR="${WANDB_CACHE_DIR:-$HOME/.cache/wandb}"
 export WANDB_CONFIG_DIR="${WANDB_CONFIG_DIR:-$HOME/.config/wandb}"
 # wandb runs are written into each run dir (offline unless WANDB_API_KEY is set); sync them
-# later with `python -m post_training.utils.sync_wandb`.
+# later with `python -m post_training.launch.sync_wandb`.
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 export PYTHONUNBUFFERED=1
 

@@ -27,8 +27,8 @@ from post_training.data_alignment.rewards import (
     resolve_reward_function,
 )
 from post_training.errors import ConfigError, DataError
+from post_training.modeling.loading import load_model
 from post_training.utils.config import asset_path
-from post_training.utils.models import load_model
 
 from .conftest import run_entrypoint
 

@@ -145,7 +145,7 @@ def test_offline_by_default_unless_explicitly_enabled() -> None:
     __import__("torch").cuda.is_available(), reason="checks the CPU refusal; QLoRA needs a GPU"
 )
 def test_qlora_is_refused_on_cpu_with_the_reason(artifacts: Path) -> None:
-    from post_training.utils.models import check_quantization
+    from post_training.modeling.loading import check_quantization
 
     # From the command line: one error before any run directory or data is written.
     overrides = ["model_args.use_peft=true", "model_args.load_in_4bit=true", "wandb.mode=disabled"]

@@ -9,8 +9,9 @@ from transformers import AutoTokenizer
 
 from post_training.data_sft.collate import pad_collate
 from post_training.data_sft.messages import read_jsonl_messages
-from post_training.data_sft.tokenize import IGNORE_INDEX, tokenize_chat
+from post_training.data_sft.tokenize import tokenize_chat
 from post_training.errors import DataError
+from post_training.losses.constants import IGNORE_INDEX
 from post_training.utils.config import asset_path
 
 

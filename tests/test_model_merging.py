@@ -23,15 +23,15 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from post_training.errors import ConfigError
-from post_training.model_merging.model_merging import (
+from post_training.merge import run
+from post_training.model_merging.plan import (
     CONFIG_FILE,
     MANIFEST_FILE,
     build_merge_config,
-    run,
     validate,
 )
+from post_training.modeling.loading import load_model, load_tokenizer
 from post_training.utils.config import CONFIGS_DIR, to_container
-from post_training.utils.models import load_model, load_tokenizer
 
 from .conftest import run_entrypoint
 
@@ -470,13 +470,14 @@ def test_entrypoint_merges_and_evaluate_runs_on_the_result(
         f"model_merging.models=[{{path:{ckpts.ft1},weight:0.7}},{{path:{ckpts.ft2},weight:0.3}}]",
         "job_subdir=e2e",
     ]
-    proc = run_entrypoint("model_merging.model_merging", args, artifacts, timeout=300)
+    proc = run_entrypoint("merge", args, artifacts, timeout=300)
     out = artifacts / "private" / "models" / "merged" / "e2e-dare_ties"
     assert f"written to {out}" in proc.stdout
     assert (out / MANIFEST_FILE).is_file()
     runs = list((artifacts / "private" / "outputs" / "model_merging" / "e2e" / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / ".hydra" / "config.yaml").is_file()
 
+    # The old entrypoint path is an alias of the same main.
     again = run_entrypoint("model_merging.model_merging", args, artifacts, check=False, timeout=300)
     assert again.returncode != 0 and "set overwrite=true" in again.stderr
 

@@ -14,9 +14,9 @@ from post_training.data_sft.collate import pad_collate
 from post_training.data_sft.packing import best_fit_decreasing, pack_examples, packing_efficiency
 from post_training.data_sft.tokenize import tokenize_chat
 from post_training.losses import irl_loss, ln_plw_loss, plw_loss
+from post_training.modeling.loading import load_model
 from post_training.trainers.sft import COUNT_KEYS, SFTTrainer, sft_forward
 from post_training.utils.config import asset_path
-from post_training.utils.models import load_model
 
 
 def test_best_fit_decreasing_keeps_every_item_once_and_fits() -> None:

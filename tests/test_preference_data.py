@@ -11,19 +11,16 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from post_training.data_alignment.preference import (
-    encode_pairs,
-    load_preference_rows,
-    preference,
-    tiny_task_pairs,
-)
+from post_training.data_preference.encode import encode_pairs
+from post_training.data_preference.pairs import load_preference_rows
+from post_training.data_preference.transforms import preference, tiny_task_pairs
 from post_training.data_sft.collate import pad_collate
 from post_training.data_sft.tokenize import ChatEncoder, TokenizeOptions, tokenize_chat
 from post_training.errors import DataError
+from post_training.modeling.loading import load_model
 from post_training.trainers.preference import pair_statistics
 from post_training.trainers.sft import sft_forward
 from post_training.utils.config import asset_path
-from post_training.utils.models import load_model
 
 USER = {"role": "user", "content": "add 1+2"}
 

@@ -12,8 +12,8 @@ from post_training.data_sft import load as load_module
 from post_training.data_sft.load import load_sft_data, read_eval_rows
 from post_training.data_sft.tokenize import ChatEncoder
 from post_training.errors import DataError
+from post_training.modeling.loading import load_tokenizer
 from post_training.utils.config import CONFIGS_DIR, register_resolvers
-from post_training.utils.models import load_tokenizer
 
 
 def _config(tmp_path: Path, **model_overrides) -> dict:

@@ -31,7 +31,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from post_training.utils.submit import ACCELERATE_CONFIGS_DIR, SUBMIT_SCRIPTS_DIR, Model
+from post_training.launch.submit import ACCELERATE_CONFIGS_DIR, SUBMIT_SCRIPTS_DIR, Model
 
 from .conftest import QUICK, REPO, read_metrics
 from .slurm_cluster import SlurmCluster, slurm_cluster

@@ -16,9 +16,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from post_training.errors import SubmitError
-from post_training.utils import submit
-from post_training.utils.config import CONFIGS_DIR, to_container
-from post_training.utils.submit import (
+from post_training.launch import submit
+from post_training.launch.submit import (
     Model,
     Run,
     gradient_accumulation,
@@ -29,6 +28,7 @@ from post_training.utils.submit import (
     sft_runs,
     write_submit,
 )
+from post_training.utils.config import CONFIGS_DIR, to_container
 
 from .conftest import REPO
 

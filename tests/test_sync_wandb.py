@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from post_training.utils.sync_wandb import find_offline_runs, parse_choice
+from post_training.launch.sync_wandb import find_offline_runs, parse_choice
 
 from .conftest import REPO
 
@@ -50,7 +50,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def sync_wandb(artifacts: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "post_training.utils.sync_wandb", "--root", str(artifacts), *args],
+        [sys.executable, "-m", "post_training.launch.sync_wandb", "--root", str(artifacts), *args],
         input=stdin,
         capture_output=True,
         text=True,

@@ -11,7 +11,6 @@ from transformers import AutoTokenizer
 
 from post_training.data_sft.templates import TEMPLATES, resolve_template, template_from_mapping
 from post_training.data_sft.tokenize import (
-    IGNORE_INDEX,
     ChatEncoder,
     FilterReport,
     TokenizeOptions,
@@ -19,8 +18,9 @@ from post_training.data_sft.tokenize import (
     tokenize_chat,
 )
 from post_training.errors import ConfigError, DataError
+from post_training.losses.constants import IGNORE_INDEX
+from post_training.modeling.loading import load_model, load_tokenizer, stop_token_ids
 from post_training.utils.config import asset_path
-from post_training.utils.models import load_model, load_tokenizer, stop_token_ids
 from tests.bpe_tokenizer import bpe_tokenizer, bpe_tokenizer_dir
 
 CHATS = [

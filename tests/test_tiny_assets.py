@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - package not installed, run from the so
 from transformers import AutoConfig, AutoTokenizer
 
 from post_training.data_sft import tiny_tasks
-from post_training.utils import tiny_model
+from post_training.modeling import tiny_model
 
 DATA_DIR = tiny_tasks.DEFAULT_OUTPUT_DIR
 MODEL_DIR = tiny_model.DEFAULT_OUTPUT_DIR

@@ -76,7 +76,8 @@ def test_dpo_matches_trl_dpo_trainer(setup, tmp_path: Path) -> None:
     from trl import DPOConfig
     from trl import DPOTrainer as TRLDPOTrainer
 
-    from post_training.data_alignment.preference import encode_pairs, tiny_task_pairs
+    from post_training.data_preference.encode import encode_pairs
+    from post_training.data_preference.transforms import tiny_task_pairs
     from post_training.data_sft.tokenize import ChatEncoder, TokenizeOptions
     from post_training.losses import dpo_loss
     from post_training.trainers.preference import pair_statistics

@@ -20,15 +20,15 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from post_training.data_alignment.preference import load_preference_data, require_columns
 from post_training.data_alignment.ref_logps import cached_reference_logps
+from post_training.data_preference.encode import load_preference_data, require_columns
 from post_training.errors import ConfigError
-from post_training.evaluate import evaluate_final_model
+from post_training.exact_match import evaluate_final_model
+from post_training.frame import apply_debug
 from post_training.losses.dpo import REFERENCE_FREE
-from post_training.train_sft import apply_debug
+from post_training.modeling.loading import apply_peft, is_peft_model, load_model, load_tokenizer
 from post_training.trainers.preference import PREFERENCE_TRAINERS, REF_KEYS
 from post_training.utils.config import register_resolvers
-from post_training.utils.models import apply_peft, is_peft_model, load_model, load_tokenizer
 from post_training.utils.run import setup_run
 from post_training.utils.signals import EXIT_CODE_STOPPED
 from post_training.utils.tracking import MetricsLogger

@@ -20,30 +20,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from post_training.data_sft.load import load_sft_data
 from post_training.errors import ConfigError
-from post_training.evaluate import evaluate_final_model
+from post_training.exact_match import evaluate_final_model
+from post_training.frame import apply_debug
+from post_training.modeling.loading import apply_peft, load_model, load_tokenizer
 from post_training.trainers import TRAINERS
-from post_training.trainers.base import check_eval_strategy, check_training_length
 from post_training.utils.config import register_resolvers
-from post_training.utils.models import apply_peft, check_quantization, load_model, load_tokenizer
 from post_training.utils.run import setup_run
 from post_training.utils.signals import EXIT_CODE_STOPPED
 from post_training.utils.tracking import MetricsLogger
 
 log = logging.getLogger(__name__)
 register_resolvers()
-
-
-def apply_debug(cfg: DictConfig) -> None:
-    """Check the training length and evaluation schedule before anything loads; with
-    ``debug.enabled``, a few steps (the output root is already ``outputs-debug``)."""
-    check_training_length(cfg.training_args)
-    check_eval_strategy(cfg.training_args)
-    check_quantization(cfg.model, cfg.get("model_args"))
-    if cfg.debug.enabled:
-        for key in ("num_train_epochs", "num_training_samples", "num_training_tokens"):
-            cfg.training_args[key] = None
-        cfg.training_args.max_steps = cfg.debug.max_steps
-        cfg.evaluation.max_examples = 20
 
 
 def run(cfg: DictConfig) -> int:

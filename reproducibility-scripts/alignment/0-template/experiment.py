@@ -6,7 +6,7 @@ every stage writes ``artifacts/<ARTIFACTS_SUBDIR>/alignment-data/<dataset>/<mode
 reads the previous stage's output there (see ``src/post_training/configs/alignment-data.yaml``).
 """
 
-from post_training.utils.submit import Model, generate_alignment
+from post_training.launch.submit import Model, generate_alignment
 
 PREFIX = "alignment-template"  # names submit folders, job_subdirs and a wandb tag
 ARTIFACTS_SUBDIR = "shared"

@@ -59,7 +59,7 @@ sft, qrpo, alignment = (Path(p) for p in sys.argv[1:4])
 def accuracy(model):
     path = model / "eval-tiny-tasks.json"
     if not path.is_file():
-        from post_training.evaluate import evaluate_checkpoint
+        from post_training.exact_match import evaluate_checkpoint
         from post_training.utils.config import asset_path
         dataset = {"name": "tiny-tasks", "train": {"path": asset_path("tiny-tasks/train.jsonl")},
                    "eval": {"path": asset_path("tiny-tasks/eval.jsonl")}}

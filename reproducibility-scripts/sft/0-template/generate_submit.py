@@ -12,7 +12,7 @@ their swept values; outputs go to artifacts/<ARTIFACTS_SUBDIR>/outputs/train_sft
 Site settings (account, container, devices per node) live in cscs-shared-submit-scripts/setup.sh.
 """
 
-from post_training.utils.submit import Model, generate_sft
+from post_training.launch.submit import Model, generate_sft
 
 # ----------------------------------------------------------------------------- the sweep
 PREFIX = "sft-template"  # names the submit folder, every job_subdir and a wandb tag

@@ -22,7 +22,6 @@ from accelerate import Accelerator
 from omegaconf import DictConfig
 
 from post_training.data_alignment.partitions import read_stage
-from post_training.data_alignment.preference import encode_pairs
 from post_training.data_alignment.ref_logps import summed_logps
 from post_training.data_alignment.stage import (
     begin,
@@ -33,10 +32,11 @@ from post_training.data_alignment.stage import (
     shard_map,
     stage_output,
 )
+from post_training.data_preference.encode import encode_pairs
 from post_training.data_sft.load import tokenizer_fingerprint
 from post_training.data_sft.tokenize import FilterReport
 from post_training.errors import DataError
-from post_training.utils.models import load_model, load_tokenizer
+from post_training.modeling.loading import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 STAGE = "compute_ref_logprobs"

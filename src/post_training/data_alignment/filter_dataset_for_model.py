@@ -25,7 +25,6 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from post_training.data_alignment.preference import PREFERENCE_TRANSFORMS, load_preference_rows
 from post_training.data_alignment.stage import (
     begin,
     chat_encoder,
@@ -35,11 +34,13 @@ from post_training.data_alignment.stage import (
     prompt_ids,
     stage_output,
 )
+from post_training.data_preference.pairs import load_preference_rows
+from post_training.data_preference.transforms import PREFERENCE_TRANSFORMS
 from post_training.data_sft.dataset import dataset_specs, load_train_eval
 from post_training.data_sft.load import spec_fingerprints
 from post_training.data_sft.tokenize import FilterReport
 from post_training.errors import ConfigError
-from post_training.utils.models import load_tokenizer
+from post_training.modeling.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
 STAGE = "filter_dataset_for_model"

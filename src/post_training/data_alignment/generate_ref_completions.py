@@ -38,7 +38,7 @@ from post_training.data_alignment.stage import (
     shard_map,
     stage_output,
 )
-from post_training.utils.models import load_model, load_tokenizer, stop_token_ids
+from post_training.modeling.loading import load_model, load_tokenizer, stop_token_ids
 
 log = logging.getLogger(__name__)
 STAGE = "generate_ref_completions"

@@ -25,9 +25,9 @@ from post_training.data_alignment.partitions import (
     replace_dir,
     write_rows,
 )
+from post_training.data_alignment.pipeline import ALIGNMENT_STAGES
 from post_training.data_alignment.stage import begin
 from post_training.errors import ConfigError
-from post_training.utils.submit import ALIGNMENT_STAGES
 
 log = logging.getLogger(__name__)
 STAGE = "merge_partitions"

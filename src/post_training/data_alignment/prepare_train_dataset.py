@@ -32,8 +32,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from post_training.data_alignment.partitions import read_stage
-from post_training.data_alignment.preference import validate_pair
 from post_training.data_alignment.stage import begin, now, stage_output
+from post_training.data_preference.pairs import validate_pair
 from post_training.data_sft.mixture import plan_counts, sample_indices, source_rng
 from post_training.errors import ConfigError, DataError
 

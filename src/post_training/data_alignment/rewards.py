@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from post_training.data_alignment.preference import tiny_task_reward
+from post_training.data_preference.transforms import tiny_task_reward
 from post_training.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from post_training.data_sft.templates import ChatTemplate, resolve_template
-        from post_training.utils.models import torch_dtype
+        from post_training.modeling.loading import torch_dtype
 
         path = options["model_name_or_path"]
         tokenizer_path = options.get("tokenizer_name_or_path") or path

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from post_training.data_sft.tokenize import IGNORE_INDEX
+from post_training.losses.constants import IGNORE_INDEX
 
 PAD_VALUES = {"input_ids": None, "labels": IGNORE_INDEX, "prompt_mask": 0, "completion_mask": 0}
 

@@ -33,8 +33,8 @@ from post_training.data_sft.sources import load_source
 from post_training.data_sft.templates import ChatTemplate, resolve_template
 from post_training.data_sft.tokenize import ChatEncoder, FilterReport
 from post_training.errors import ConfigError
+from post_training.modeling.loading import load_tokenizer
 from post_training.utils.config import register_resolvers, to_container
-from post_training.utils.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 register_resolvers()

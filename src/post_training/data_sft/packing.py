@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from post_training.data_sft.tokenize import IGNORE_INDEX
+from post_training.losses.constants import IGNORE_INDEX
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

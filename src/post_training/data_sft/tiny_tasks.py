@@ -13,7 +13,7 @@ Four tasks, each with a single correct answer:
 Every example is a chat (``messages``) whose final message is the graded assistant answer.
 Some examples start with a system prompt, some have an extra user/assistant exchange of a
 different task before the graded turn. Every character of every message is in ``ALPHABET``,
-which the char-level tokenizer of the tiny model (``post_training.utils.tiny_model``) covers.
+which the char-level tokenizer of the tiny model (``post_training.modeling.tiny_model``) covers.
 
 Regenerate the committed files with::
 

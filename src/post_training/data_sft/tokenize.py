@@ -30,10 +30,10 @@ from transformers import PreTrainedTokenizerBase
 
 from post_training.data_sft.templates import ROLES, TEXT_ROLE, ChatTemplate
 from post_training.errors import ConfigError, DataError
+from post_training.losses.constants import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 TRUNCATION_MODES = ("drop", "truncate")
 ROLE_FIX_MODES = ("merge", "drop", "error")
 ENCODE_BATCH = 1024

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from post_training.data_sft.tokenize import IGNORE_INDEX
+from post_training.losses.constants import IGNORE_INDEX
 
 __all__ = ["chunked_logps_and_lse", "plain_logps_and_lse"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from post_training.data_sft.tokenize import IGNORE_INDEX
+from post_training.losses.constants import IGNORE_INDEX
 
 
 def shift_labels(tensor: torch.Tensor, fill: int) -> torch.Tensor:

@@ -28,10 +28,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 from post_training.data_sft.collate import pad_collate
 from post_training.data_sft.sampling import epoch_batches
 from post_training.errors import ConfigError
+from post_training.modeling.loading import is_peft_model, merged_from_adapter
 from post_training.utils import checkpointing as ckpt
 from post_training.utils.atomic import atomic_dir
 from post_training.utils.flops import ModelFlops, device_peak_flops
-from post_training.utils.models import is_peft_model, merged_from_adapter
 from post_training.utils.run import RunContext
 from post_training.utils.signals import GracefulStop
 from post_training.utils.tracking import MetricsLogger

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from post_training.data_sft.tokenize import IGNORE_INDEX
 from post_training.losses import irl_loss, ln_plw_loss, plw_loss, shift_labels
+from post_training.losses.constants import IGNORE_INDEX
 from post_training.losses.logprobs import next_token_logps_and_lse
 from post_training.losses.plw import per_sequence
 from post_training.trainers.base import Trainer

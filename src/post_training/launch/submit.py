@@ -30,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from post_training.data_alignment.pipeline import ALIGNMENT_STAGES
 from post_training.errors import SubmitError
 from post_training.utils.config import CONFIGS_DIR, PACKAGE_DIR
 
@@ -514,16 +515,6 @@ def generate_sft(
 
 
 # ------------------------------------------------------------------ alignment data stages
-ALIGNMENT_STAGES = (
-    "filter_dataset_for_model",
-    "generate_ref_completions",
-    "compute_ref_logprobs",
-    "compute_rewards",
-    "prepare_train_dataset",
-    "merge_partitions",
-)
-
-
 def alignment_runs(
     *,
     stage: str,

@@ -1,9 +1,9 @@
 """List the offline Weights & Biases runs under the artifacts directory and sync chosen ones.
 
-    python -m post_training.utils.sync_wandb                 # numbered list, then a prompt
-    python -m post_training.utils.sync_wandb --list          # list only
-    python -m post_training.utils.sync_wandb 'sft-*' lr-0.001_run --dry-run
-    python -m post_training.utils.sync_wandb --all           # every run not synced yet
+    python -m post_training.launch.sync_wandb                 # numbered list, then a prompt
+    python -m post_training.launch.sync_wandb --list          # list only
+    python -m post_training.launch.sync_wandb 'sft-*' lr-0.001_run --dry-run
+    python -m post_training.launch.sync_wandb --all           # every run not synced yet
 
 Compute nodes usually log offline (``wandb.mode=auto`` without ``WANDB_API_KEY``): every run dir
 then holds ``wandb/offline-run-<time>-<id>/``. This finds them, names each from its run dir's
@@ -159,7 +159,7 @@ def sync(runs: Sequence[OfflineRun], dry_run: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m post_training.utils.sync_wandb",
+        prog="python -m post_training.launch.sync_wandb",
         description="List offline wandb runs under the artifacts directory and sync chosen ones.",
     )
     parser.add_argument("patterns", nargs="*", help="run names, jobs, run ids or paths (globs)")

@@ -11,7 +11,7 @@ time with ``AutoModelForCausalLM.from_config`` from a fixed seed.
 
 Regenerate the committed files with::
 
-    python -m post_training.utils.tiny_model
+    python -m post_training.modeling.tiny_model
 """
 
 from __future__ import annotations
