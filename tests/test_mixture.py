@@ -11,10 +11,10 @@ import pytest
 from datasets import Dataset
 from omegaconf import OmegaConf
 
-from post_training.data_sft.dataset import load_train_eval
-from post_training.data_sft.mixture import load_dataset_split, plan_counts
+from post_training.data_sft.dataset_config import load_train_eval
+from post_training.data_sft.mixing import load_dataset_split, plan_counts
 from post_training.data_sft.sources import load_source
-from post_training.data_sft.split import split_dataset, stratified_allocation
+from post_training.data_sft.splitting import split_dataset, stratified_allocation
 from post_training.errors import ConfigError, DataError
 from post_training.utils.config import CONFIGS_DIR, register_resolvers
 from tests.conftest import run_entrypoint
@@ -259,13 +259,13 @@ def test_dataset_config_with_eval_source_limits_and_old_schema(tmp_path: Path, p
 # --- Entrypoints ------------------------------------------------------------------------------
 
 
-def test_dataset_mixture_entrypoint_saves_refuses_and_overwrites(
+def test_build_mixture_entrypoint_saves_refuses_and_overwrites(
     artifacts: Path, paths: dict[str, str]
 ) -> None:
     sources = f"[{{name:a,path:'{paths['a']}',weight:3}},{{name:b,path:'{paths['b']}',weight:1}}]"
     args = ["name=mymix", f"mixture.sources={sources}", "mixture.total=40"]
     split = "eval_split={size:8,stratify_by:source}"
-    proc = run_entrypoint("data_sft.dataset_mixture", [*args, split], artifacts)
+    proc = run_entrypoint("data_sft.build_mixture", [*args, split], artifacts)
     out = artifacts / "private" / "datasets" / "mymix"
     assert re.search(r"^a\s+30\s+100$", proc.stdout, re.MULTILINE)
     assert re.search(r"^b\s+10\s+50$", proc.stdout, re.MULTILINE)
@@ -281,18 +281,19 @@ def test_dataset_mixture_entrypoint_saves_refuses_and_overwrites(
     assert Counter(evals["source"]) == {"a": 6, "b": 2}
     # Existing output: refused, nothing touched.
     before = (out / "manifest.json").read_text()
+    # The old entrypoint path is an alias of the same main.
     refused = run_entrypoint("data_sft.dataset_mixture", args, artifacts, check=False)
     assert refused.returncode != 0
     assert "already exists; refusing to overwrite" in refused.stderr
     assert (out / "manifest.json").read_text() == before
-    run_entrypoint("data_sft.dataset_mixture", [*args, "overwrite=true"], artifacts)
+    run_entrypoint("data_sft.build_mixture", [*args, "overwrite=true"], artifacts)
     assert json.loads((out / "manifest.json").read_text())["splits"] == {"train": 40}
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
-def test_dataset_split_entrypoint(artifacts: Path, tmp_path: Path) -> None:
+def test_build_split_entrypoint(artifacts: Path, tmp_path: Path) -> None:
     args = ["name=tt", "eval_fraction=null", "eval_size=40", "stratify_by=task"]
-    proc = run_entrypoint("data_sft.dataset_split", args, artifacts)
+    proc = run_entrypoint("data_sft.build_split", args, artifacts)
     out = artifacts / "private" / "datasets" / "tt"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"] == {"train": 7960, "eval": 40}
@@ -301,5 +302,5 @@ def test_dataset_split_entrypoint(artifacts: Path, tmp_path: Path) -> None:
     assert "Saved 'tt' (train 7960, eval 40 rows)" in proc.stdout
     train = load_source({"path": f"local:{out}"})
     assert train.column_names == ["messages", "source", "answer", "task"]
-    refused = run_entrypoint("data_sft.dataset_split", args, artifacts, check=False)
+    refused = run_entrypoint("data_sft.dataset_split", args, artifacts, check=False)  # old path
     assert refused.returncode != 0 and "already exists" in refused.stderr

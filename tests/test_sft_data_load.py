@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from post_training.data_sft import load as load_module
-from post_training.data_sft.load import load_sft_data, read_eval_rows
+from post_training.data_sft import training_data
 from post_training.data_sft.tokenize import ChatEncoder
+from post_training.data_sft.training_data import load_sft_data, read_eval_rows
 from post_training.errors import DataError
 from post_training.modeling.loading import load_tokenizer
 from post_training.utils.config import CONFIGS_DIR, register_resolvers
@@ -55,9 +55,10 @@ def test_second_load_hits_the_cache_and_key_follows_the_inputs(tmp_path, monkeyp
         _config(tmp_path, chat_template="chatml"),
         _config(tmp_path, max_seq_length=64),
     ):
-        assert load_module.cache_key(changed, tokenizer) != load_module.cache_key(cfg, tokenizer)
+        key = training_data.cache_key(changed, tokenizer)
+        assert key != training_data.cache_key(cfg, tokenizer)
     smaller = dict(cfg, dataset=dict(cfg["dataset"], max_train_examples=100))
-    assert load_module.cache_key(smaller, tokenizer) != load_module.cache_key(cfg, tokenizer)
+    assert training_data.cache_key(smaller, tokenizer) != training_data.cache_key(cfg, tokenizer)
 
 
 def test_cache_key_follows_the_source_files(tmp_path) -> None:
@@ -68,9 +69,9 @@ def test_cache_key_follows_the_source_files(tmp_path) -> None:
     cfg["dataset"]["train"] = {"path": str(data), "transform": "messages"}
     cfg["dataset"]["eval"] = None
     tokenizer = load_tokenizer(cfg["model"])
-    key = load_module.cache_key(cfg, tokenizer)
+    key = training_data.cache_key(cfg, tokenizer)
     data.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
-    assert load_module.cache_key(cfg, tokenizer) != key
+    assert training_data.cache_key(cfg, tokenizer) != key
     assert len(load_sft_data(cfg, tokenizer).train) == 2
 
 

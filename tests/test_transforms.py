@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from post_training.data_sft.mixture import load_dataset_split
+from post_training.data_sft.mixing import load_dataset_split
 from post_training.data_sft.transforms import (
     TRANSFORMS,
     apply_transform,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from post_training.data_sft.load import read_eval_rows
+from post_training.data_sft.training_data import read_eval_rows
 from post_training.errors import ConfigError
 from post_training.modeling.loading import torch_dtype
 from post_training.utils.atomic import atomic_write_json

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from post_training.data_sft.load import load_sft_data
+from post_training.data_sft.training_data import load_sft_data
 from post_training.errors import ConfigError
 from post_training.exact_match import evaluate_final_model
 from post_training.frame import apply_debug

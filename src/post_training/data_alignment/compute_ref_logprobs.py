@@ -33,8 +33,8 @@ from post_training.data_alignment.stage import (
     stage_output,
 )
 from post_training.data_preference.encode import encode_pairs
-from post_training.data_sft.load import tokenizer_fingerprint
 from post_training.data_sft.tokenize import FilterReport
+from post_training.data_sft.training_data import tokenizer_fingerprint
 from post_training.errors import DataError
 from post_training.modeling.loading import load_model, load_tokenizer
 

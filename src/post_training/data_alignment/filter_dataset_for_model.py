@@ -36,9 +36,9 @@ from post_training.data_alignment.stage import (
 )
 from post_training.data_preference.pairs import load_preference_rows
 from post_training.data_preference.transforms import PREFERENCE_TRANSFORMS
-from post_training.data_sft.dataset import dataset_specs, load_train_eval
-from post_training.data_sft.load import spec_fingerprints
+from post_training.data_sft.dataset_config import dataset_specs, load_train_eval
 from post_training.data_sft.tokenize import FilterReport
+from post_training.data_sft.training_data import spec_fingerprints
 from post_training.errors import ConfigError
 from post_training.modeling.loading import load_tokenizer
 

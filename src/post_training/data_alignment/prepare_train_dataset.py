@@ -14,7 +14,7 @@ Each pair carries ``ref_rewards`` (the rewards of the prompt's reference complet
 ``rejected_quantile_reward`` (fraction of ``ref_rewards`` <= the reward, as QRPO defines them), and
 ``ref_chosen_logps`` / ``ref_rejected_logps`` when ``compute_ref_logprobs`` ran. Several inputs
 (``prepare.inputs``) are mixed with ``weight`` / ``fraction`` / ``count`` as dataset mixtures are
-(``data_sft.mixture``), seeded; the mix is computed whole and then partitioned, so partitions merge
+(``data_sft.mixing``), seeded; the mix is computed whole and then partitioned, so partitions merge
 into exactly the unpartitioned result. The rows are canonical preference rows: train on them with
 ``dataset=alignment-prepared dataset.train.path=<output>/merged/rows.jsonl``.
 """
@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 from post_training.data_alignment.partitions import read_stage
 from post_training.data_alignment.stage import begin, now, stage_output
 from post_training.data_preference.pairs import validate_pair
-from post_training.data_sft.mixture import plan_counts, sample_indices, source_rng
+from post_training.data_sft.mixing import plan_counts, sample_indices, source_rng
 from post_training.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from post_training.data_sft.load import tokenize_options, tokenizer_fingerprint
+from post_training.data_sft.training_data import tokenize_options, tokenizer_fingerprint
 from post_training.utils.atomic import atomic_file
 from post_training.utils.config import config_hash
 

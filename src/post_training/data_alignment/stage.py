@@ -92,8 +92,8 @@ def now() -> float:
 def chat_encoder(config: Mapping[str, Any], tokenizer: Any, **overrides: Any) -> ChatEncoder:
     """The training encoder of ``config`` (template, tokenization options), so that lengths and
     masks here are those of training; ``overrides`` replace tokenization options."""
-    from post_training.data_sft.load import tokenize_options
     from post_training.data_sft.templates import ChatTemplate, resolve_template
+    from post_training.data_sft.training_data import tokenize_options
 
     options = vars(tokenize_options(config)) | overrides
     template = resolve_template(config["model"].get("chat_template"))

@@ -82,8 +82,8 @@ def load_preference_data(
     config: Mapping[str, Any], tokenizer: Any
 ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], dict[str, Any]]:
     """Tokenized train / eval pairs of ``config["dataset"]`` and the filter reports."""
-    from post_training.data_sft.load import tokenize_options
     from post_training.data_sft.templates import ChatTemplate, resolve_template
+    from post_training.data_sft.training_data import tokenize_options
 
     template = resolve_template(config["model"].get("chat_template"))
     encoder = ChatEncoder(

@@ -26,12 +26,12 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from post_training.data_sft.dataset import dataset_specs, load_train_eval
-from post_training.data_sft.load import iter_messages, tokenize_options
+from post_training.data_sft.dataset_config import dataset_specs, load_train_eval
 from post_training.data_sft.packing import pack_examples, packing_efficiency
 from post_training.data_sft.sources import load_source
 from post_training.data_sft.templates import ChatTemplate, resolve_template
 from post_training.data_sft.tokenize import ChatEncoder, FilterReport
+from post_training.data_sft.training_data import iter_messages, tokenize_options
 from post_training.errors import ConfigError
 from post_training.modeling.loading import load_tokenizer
 from post_training.utils.config import register_resolvers, to_container

@@ -5,7 +5,7 @@ the ``source`` column; default: derived from the path), ``split`` (of a saved ``
 Hub dataset; default ``train``), ``config_name`` / ``data_files`` / ``cache_dir`` (Hub only),
 ``text_split`` (``.txt``: ``file`` | ``line`` | ``paragraph``), ``json_field`` (``.json`` whose
 top level is an object). The mixture keys (``transform``, ``weight``, ...) are read by
-:mod:`post_training.data_sft.mixture`.
+:mod:`post_training.data_sft.mixing`.
 
 ``path`` forms, tried in this order:
 
@@ -38,7 +38,7 @@ from datasets.exceptions import DatasetNotFoundError
 from datasets.table import InMemoryTable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from post_training.data_sft.readers import EXTENSIONS, FORMATS, Locate, format_of, read_files
+from post_training.data_sft.file_formats import EXTENSIONS, FORMATS, Locate, format_of, read_files
 from post_training.errors import ConfigError, DataError
 
 SOURCE_KEYS = (
@@ -270,13 +270,3 @@ def source_fingerprint(spec: Mapping[str, Any], where: str = "dataset") -> str:
     spec = plain(spec)
     ref = resolve(spec, where)
     return load(spec, where).fingerprint if ref.kind == "hub" else _fingerprint(ref, spec, None)
-
-
-def load_dataset_split(
-    spec: Mapping[str, Any], where: str = "dataset"
-) -> tuple[Dataset, dict[str, dict[str, Any]]]:
-    """Canonical dataset of a source or mixture spec and its per-source report
-    (:func:`post_training.data_sft.mixture.load_dataset_split`)."""
-    from post_training.data_sft.mixture import load_dataset_split as load_split
-
-    return load_split(spec, where)

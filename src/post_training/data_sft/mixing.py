@@ -37,7 +37,7 @@ from datasets import Dataset
 from datasets.table import InMemoryTable
 
 from post_training.data_sft.sources import SOURCE_KEYS, LoadedSource, load, plain, stable_hash
-from post_training.data_sft.split import largest_remainder
+from post_training.data_sft.splitting import largest_remainder
 from post_training.data_sft.transforms import apply_transform, import_transform_module
 from post_training.errors import ConfigError, DataError
 

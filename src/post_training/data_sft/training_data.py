@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from post_training.data_sft.dataset import load_train_eval
+from post_training.data_sft.dataset_config import load_train_eval
 from post_training.data_sft.packing import pack_examples, packing_efficiency
 from post_training.data_sft.sources import source_fingerprint
 from post_training.data_sft.templates import resolve_template
