@@ -65,31 +65,207 @@ Parametrisations and conventions, checked against TRL 1.16:
   TRL's CPO/ORPO log averaged ones there) and ``nll_loss`` (``−ā_c``). For simpo and orpo the
   rewards are ``β·ā`` (TRL's CPO/ORPO convention). orpo adds TRL's ``log_odds_ratio``
   (= ``log σ(log OR)``, the term λ weighs) and ``log_odds_chosen`` (= the log odds ratio).
+
+The reference-based types are a table, :data:`DPO_LOSSES`: ``loss_type`` → a pure per-pair
+function of :class:`PairTerms` and the rules it puts on the scalar options
+(:class:`OptionRule`). Adding one is a function and an entry; ``LOSS_TYPES``, the option checks
+(:func:`check_dpo_options`, called by the config schema and by :func:`dpo_loss`) and the schema
+read the table. simpo and orpo (``REFERENCE_FREE``) are computed by :func:`dpo_loss` itself.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-DPO_LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "robust",
-    "exo_pair",
-    "nca_pair",
-    "bco_pair",
-    "sppo_hard",
-    "apo_zero",
-    "apo_down",
-    "discopop",
+
+@dataclass(frozen=True)
+class PairTerms:
+    """The per-pair quantities [B] a reference-based loss is written in (float32 or wider).
+
+    Built once per call of :func:`dpo_loss`; each loss function of :data:`DPO_LOSSES` picks the
+    terms it needs.
+    """
+
+    rho_c: torch.Tensor
+    """``ρ_c = logπ(y_c|x) − logπ_ref(y_c|x)``, log-probs summed over the completion tokens."""
+    rho_r: torch.Tensor
+    """``ρ_r``, the same for the rejected completion."""
+    reward_c: torch.Tensor
+    """``β·ρ_c``."""
+    reward_r: torch.Tensor
+    """``β·ρ_r``."""
+    z: torch.Tensor
+    """``z = β·(ρ_c − ρ_r)`` (computed as ``reward_c − reward_r``)."""
+    len_c: torch.Tensor
+    """``|y_c|``, the chosen completion's token count (as a float tensor)."""
+    len_r: torch.Tensor
+    """``|y_r|``."""
+    beta: float
+    """``β``."""
+    label_smoothing: float
+    """``ε``."""
+    discopop_tau: float
+    """DiscoPOP's temperature ``τ``."""
+
+
+@dataclass(frozen=True)
+class OptionRule:
+    """A rule one loss type puts on one scalar option of ``trainer``: when ``holds(value)`` is
+    False, :func:`check_dpo_options` raises ``trainer.<key>=<value>: <loss_type> needs <text>``.
+    A type with a rule on ``label_smoothing`` uses it; every other type refuses a non-zero one.
+    """
+
+    key: str
+    holds: Callable[[float], bool]
+    text: str
+
+
+@dataclass(frozen=True)
+class DPOLossType:
+    """One entry of :data:`DPO_LOSSES`: the per-pair loss ``fn(terms) -> [B]`` and its option
+    rules."""
+
+    fn: Callable[[PairTerms], torch.Tensor]
+    rules: tuple[OptionRule, ...] = ()
+
+
+def _smoothed_sigmoid(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``−(1−ε)·log σ(z) − ε·log σ(−z)``."""
+    loss = -F.logsigmoid(z)
+    if eps:
+        loss = (1 - eps) * loss - eps * F.logsigmoid(-z)
+    return loss
+
+
+def sigmoid_loss(t: PairTerms) -> torch.Tensor:
+    return _smoothed_sigmoid(t.z, t.label_smoothing)
+
+
+def hinge_loss(t: PairTerms) -> torch.Tensor:
+    return torch.relu(1 - t.z)
+
+
+def ipo_loss(t: PairTerms) -> torch.Tensor:
+    return (t.rho_c / t.len_c - t.rho_r / t.len_r - 1 / (2 * t.beta)) ** 2
+
+
+def robust_loss(t: PairTerms) -> torch.Tensor:
+    eps = t.label_smoothing
+    return (-(1 - eps) * F.logsigmoid(t.z) + eps * F.logsigmoid(-t.z)) / (1 - 2 * eps)
+
+
+def exo_pair_loss(t: PairTerms) -> torch.Tensor:
+    z, eps = t.z, t.label_smoothing
+    return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
+        F.logsigmoid(-z) - math.log(eps)
+    )
+
+
+def nca_pair_loss(t: PairTerms) -> torch.Tensor:
+    reward_c, reward_r = t.reward_c, t.reward_r
+    return -F.logsigmoid(reward_c) - 0.5 * F.logsigmoid(-reward_c) - 0.5 * F.logsigmoid(-reward_r)
+
+
+def bco_pair_loss(t: PairTerms) -> torch.Tensor:
+    return -F.logsigmoid(t.reward_c) - F.logsigmoid(-t.reward_r)
+
+
+def sppo_hard_loss(t: PairTerms) -> torch.Tensor:
+    return (t.rho_c - 0.5 / t.beta) ** 2 + (t.rho_r + 0.5 / t.beta) ** 2
+
+
+def apo_zero_loss(t: PairTerms) -> torch.Tensor:
+    return torch.sigmoid(-t.reward_c) + torch.sigmoid(t.reward_r)
+
+
+def apo_down_loss(t: PairTerms) -> torch.Tensor:
+    return torch.sigmoid(t.reward_c) + torch.sigmoid(-t.z)
+
+
+def discopop_loss(t: PairTerms) -> torch.Tensor:
+    # m·e^{−z} is computed as e^{log σ(z/τ) − z}: no inf·0 for z ≪ 0
+    modulation = torch.sigmoid(-t.z / t.discopop_tau)  # 1 − m
+    return -F.logsigmoid(t.z) * modulation + torch.exp(F.logsigmoid(t.z / t.discopop_tau) - t.z)
+
+
+SMOOTHING_BELOW_HALF = OptionRule(
+    "label_smoothing",
+    lambda eps: 0.0 <= eps < 0.5,
+    "label_smoothing in [0, 0.5) (less than 0.5: at ε = 0.5 the labels carry no preference)",
 )
+
+DPO_LOSSES: dict[str, DPOLossType] = {
+    "sigmoid": DPOLossType(sigmoid_loss, (SMOOTHING_BELOW_HALF,)),
+    "hinge": DPOLossType(hinge_loss),
+    "ipo": DPOLossType(ipo_loss),
+    "robust": DPOLossType(robust_loss, (SMOOTHING_BELOW_HALF,)),
+    "exo_pair": DPOLossType(
+        exo_pair_loss,
+        (
+            OptionRule(
+                "label_smoothing",
+                lambda eps: 0.0 < eps < 1.0,
+                "0 < label_smoothing < 1 (EXO's ε; the paper uses 1e-3)",
+            ),
+        ),
+    ),
+    "nca_pair": DPOLossType(nca_pair_loss),
+    "bco_pair": DPOLossType(bco_pair_loss),
+    "sppo_hard": DPOLossType(sppo_hard_loss),
+    "apo_zero": DPOLossType(apo_zero_loss),
+    "apo_down": DPOLossType(apo_down_loss),
+    "discopop": DPOLossType(
+        discopop_loss, (OptionRule("discopop_tau", lambda tau: tau > 0, "discopop_tau > 0"),)
+    ),
+}
+"""The reference-based loss types: ``loss_type`` → its per-pair loss and option rules. Adding a
+DPO-family loss is one function of :class:`PairTerms` and one entry here; ``DPO_LOSS_TYPES``,
+``LOSS_TYPES``, :func:`check_dpo_options` and the config schema read this table when asked."""
+
 REFERENCE_FREE = ("simpo", "orpo")
-LOSS_TYPES = DPO_LOSS_TYPES + REFERENCE_FREE
-LABEL_SMOOTHING_TYPES = ("sigmoid", "robust", "exo_pair", "simpo")
+REFERENCE_FREE_RULES: dict[str, tuple[OptionRule, ...]] = {
+    "simpo": (SMOOTHING_BELOW_HALF,),
+    "orpo": (
+        OptionRule(
+            "nll_weight",
+            lambda weight: weight == 0.0,
+            "nll_weight=0 (orpo already contains the chosen NLL term)",
+        ),
+    ),
+}
+"""The option rules of the reference-free types, whose losses :func:`dpo_loss` computes itself."""
+
+
+def loss_types() -> tuple[str, ...]:
+    """Every accepted ``loss_type``: the table's, then the reference-free ones (read now)."""
+    return (*DPO_LOSSES, *REFERENCE_FREE)
+
+
+def _rules(loss_type: str) -> tuple[OptionRule, ...]:
+    spec = DPO_LOSSES.get(loss_type)
+    return spec.rules if spec is not None else REFERENCE_FREE_RULES[loss_type]
+
+
+def label_smoothing_types() -> tuple[str, ...]:
+    """The types that use ``label_smoothing`` (those with a rule on it), read now."""
+    return tuple(t for t in loss_types() if any(r.key == "label_smoothing" for r in _rules(t)))
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    # DPO_LOSS_TYPES, LOSS_TYPES and LABEL_SMOOTHING_TYPES are computed from the table on each
+    # access, so an entry added to DPO_LOSSES (even at run time) is seen everywhere.
+    if name == "DPO_LOSS_TYPES":
+        return tuple(DPO_LOSSES)
+    if name == "LOSS_TYPES":
+        return loss_types()
+    if name == "LABEL_SMOOTHING_TYPES":
+        return label_smoothing_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -102,18 +278,43 @@ def _float(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _validate(
-    loss_type: str,
-    tensors: dict[str, torch.Tensor | None],
-    beta: float,
-    label_smoothing: float,
-    discopop_tau: float,
-    nll_weight: float,
+def check_dpo_options(
+    loss_type: str, beta: float, label_smoothing: float, discopop_tau: float, nll_weight: float
 ) -> None:
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}.")
+    """The scalar rules of :func:`dpo_loss`'s options, for the config schema and the loss alike.
+
+    Raises ValueError whose message starts with the config key and its value
+    (``trainer.label_smoothing=0.7: ...``). The per-type rules are those of the type's table
+    entry (:class:`OptionRule`); ``label_smoothing`` must be 0 for a type without a rule on it.
+    """
+    known = loss_types()
+    if loss_type not in known:
+        raise ValueError(
+            f"trainer.loss_type={loss_type!r}: Unknown loss_type; expected one of {known}."
+        )
     if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}.")
+        raise ValueError(f"trainer.beta={beta!r}: beta must be > 0.")
+    if nll_weight < 0:
+        raise ValueError(f"trainer.nll_weight={nll_weight!r}: nll_weight must be >= 0.")
+    rules = _rules(loss_type)
+    if label_smoothing != 0.0 and not any(r.key == "label_smoothing" for r in rules):
+        raise ValueError(
+            f"trainer.label_smoothing={label_smoothing!r}: label_smoothing has no meaning for "
+            f"loss_type={loss_type!r}; it is used by {label_smoothing_types()}."
+        )
+    values = {
+        "beta": beta,
+        "label_smoothing": label_smoothing,
+        "discopop_tau": discopop_tau,
+        "nll_weight": nll_weight,
+    }
+    for rule in rules:
+        value = values[rule.key]
+        if not rule.holds(value):
+            raise ValueError(f"trainer.{rule.key}={value!r}: {loss_type} needs {rule.text}.")
+
+
+def _check_tensors(loss_type: str, tensors: dict[str, torch.Tensor | None]) -> None:
     reference_free = loss_type in REFERENCE_FREE
     for name in ("ref_chosen_logps", "ref_rejected_logps"):
         if reference_free and tensors[name] is not None:
@@ -129,32 +330,6 @@ def _validate(
     for name in ("chosen_lengths", "rejected_lengths"):
         if bool((tensors[name] <= 0).any()):  # type: ignore[operator]
             raise ValueError(f"{name} must be >= 1 (a pair with an empty completion).")
-    if label_smoothing != 0.0 and loss_type not in LABEL_SMOOTHING_TYPES:
-        raise ValueError(
-            f"label_smoothing={label_smoothing} has no meaning for loss_type={loss_type!r}; "
-            f"it is used by {LABEL_SMOOTHING_TYPES}."
-        )
-    if loss_type == "exo_pair" and not 0.0 < label_smoothing < 1.0:
-        raise ValueError(
-            f"exo_pair needs 0 < label_smoothing < 1 (EXO's ε; the paper uses 1e-3), "
-            f"got {label_smoothing}."
-        )
-    if loss_type in ("sigmoid", "robust", "simpo") and not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}.")
-    if loss_type == "discopop" and not discopop_tau > 0:
-        raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}.")
-    if nll_weight < 0:
-        raise ValueError(f"nll_weight must be >= 0, got {nll_weight}.")
-    if loss_type == "orpo" and nll_weight != 0.0:
-        raise ValueError("orpo already contains the chosen NLL term: leave nll_weight=0.")
-
-
-def _smoothed_sigmoid(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """``−(1−ε)·log σ(z) − ε·log σ(−z)``."""
-    loss = -F.logsigmoid(z)
-    if eps:
-        loss = (1 - eps) * loss - eps * F.logsigmoid(-z)
-    return loss
 
 
 def dpo_loss(
@@ -183,7 +358,8 @@ def dpo_loss(
     ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``,
     ``nll_loss``; orpo adds ``log_odds_ratio`` and ``log_odds_chosen``.
     """
-    _validate(
+    check_dpo_options(loss_type, beta, label_smoothing, discopop_tau, nll_weight)
+    _check_tensors(
         loss_type,
         {
             "chosen_logps": chosen_logps,
@@ -193,10 +369,6 @@ def dpo_loss(
             "chosen_lengths": chosen_lengths,
             "rejected_lengths": rejected_lengths,
         },
-        beta,
-        label_smoothing,
-        discopop_tau,
-        nll_weight,
     )
     pc, pr = _float(chosen_logps), _float(rejected_logps)
     len_c, len_r = chosen_lengths.to(pc.dtype), rejected_lengths.to(pc.dtype)
@@ -222,37 +394,19 @@ def dpo_loss(
         rho_c = pc - _float(ref_chosen_logps)  # type: ignore[arg-type]
         rho_r = pr - _float(ref_rejected_logps)  # type: ignore[arg-type]
         reward_c, reward_r = beta * rho_c, beta * rho_r
-        z = reward_c - reward_r
-        eps = label_smoothing
-        if loss_type == "sigmoid":
-            losses = _smoothed_sigmoid(z, eps)
-        elif loss_type == "hinge":
-            losses = torch.relu(1 - z)
-        elif loss_type == "ipo":
-            losses = (rho_c / len_c - rho_r / len_r - 1 / (2 * beta)) ** 2
-        elif loss_type == "robust":
-            losses = (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
-        elif loss_type == "exo_pair":
-            losses = torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
-                F.logsigmoid(-z) - math.log(eps)
-            )
-        elif loss_type == "nca_pair":
-            losses = (
-                -F.logsigmoid(reward_c)
-                - 0.5 * F.logsigmoid(-reward_c)
-                - 0.5 * F.logsigmoid(-reward_r)
-            )
-        elif loss_type == "bco_pair":
-            losses = -F.logsigmoid(reward_c) - F.logsigmoid(-reward_r)
-        elif loss_type == "sppo_hard":
-            losses = (rho_c - 0.5 / beta) ** 2 + (rho_r + 0.5 / beta) ** 2
-        elif loss_type == "apo_zero":
-            losses = torch.sigmoid(-reward_c) + torch.sigmoid(reward_r)
-        elif loss_type == "apo_down":
-            losses = torch.sigmoid(reward_c) + torch.sigmoid(-z)
-        else:  # discopop; m·e^{−z} is computed as e^{log σ(z/τ) − z}: no inf·0 for z ≪ 0
-            modulation = torch.sigmoid(-z / discopop_tau)  # 1 − m
-            losses = -F.logsigmoid(z) * modulation + torch.exp(F.logsigmoid(z / discopop_tau) - z)
+        terms = PairTerms(
+            rho_c=rho_c,
+            rho_r=rho_r,
+            reward_c=reward_c,
+            reward_r=reward_r,
+            z=reward_c - reward_r,
+            len_c=len_c,
+            len_r=len_r,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            discopop_tau=discopop_tau,
+        )
+        losses = DPO_LOSSES[loss_type].fn(terms)
 
     if nll_weight:
         losses = losses + nll_weight * nll

@@ -115,6 +115,43 @@ def _check_min_quantile(min_quantile: float) -> None:
         raise ValueError(f"min_quantile must be in (0, 1], got {min_quantile}.")
 
 
+def check_qrpo_options(
+    beta: float,
+    transform: str = "identity",
+    approx_log_partition: bool = False,
+    beta_cap: float | None = None,
+    min_quantile: float | None = None,
+) -> None:
+    """The scalar rules of :func:`qrpo_loss`'s options, for the config schema and the loss alike.
+
+    Raises ValueError whose message starts with the config key and its value
+    (``trainer.min_quantile=0.1: ...``).
+    """
+    if transform not in TRANSFORMS:
+        raise ValueError(
+            f"trainer.transform={transform!r}: Unknown transform; expected one of {TRANSFORMS}."
+        )
+    if not beta > 0:
+        raise ValueError(f"trainer.beta={beta!r}: beta must be > 0.")
+    if beta_cap is not None and not beta_cap > 0:
+        raise ValueError(f"trainer.beta_cap={beta_cap!r}: beta_cap must be > 0 (or null).")
+    if min_quantile is not None:
+        if transform != "log":
+            raise ValueError(
+                f"trainer.min_quantile={min_quantile!r}: min_quantile only applies to the log "
+                f"transform (trainer.transform={transform!r}); leave it null."
+            )
+        if not 0.0 < min_quantile <= 1.0:
+            raise ValueError(
+                f"trainer.min_quantile={min_quantile!r}: min_quantile must be in (0, 1]."
+            )
+    if approx_log_partition and transform != "identity":
+        raise ValueError(
+            f"trainer.approx_log_partition={approx_log_partition!r}: approx_log_partition is "
+            f"only defined for the identity transform (trainer.transform={transform!r})."
+        )
+
+
 def _check_quantiles(name: str, q: torch.Tensor) -> None:
     if not bool(torch.isfinite(q).all()):
         raise ValueError(f"{name} contains non-finite values.")
@@ -172,18 +209,7 @@ def qrpo_loss(
     ``beta/rejected``, ``loss/chosen``, ``loss/rejected``, ``beta_capped_fraction``,
     ``quantile_clamped_fraction``.
     """
-    if transform not in TRANSFORMS:
-        raise ValueError(f"Unknown transform {transform!r}; expected one of {TRANSFORMS}.")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}.")
-    if beta_cap is not None and not beta_cap > 0:
-        raise ValueError(f"beta_cap must be > 0, got {beta_cap}.")
-    if min_quantile is not None:
-        if transform != "log":
-            raise ValueError("min_quantile only applies to the log transform.")
-        _check_min_quantile(min_quantile)
-    if approx_log_partition and transform != "identity":
-        raise ValueError("approx_log_partition is only defined for the identity transform.")
+    check_qrpo_options(beta, transform, approx_log_partition, beta_cap, min_quantile)
     tensors = {
         "chosen_logps": chosen_logps,
         "rejected_logps": rejected_logps,

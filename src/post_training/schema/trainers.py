@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from post_training.losses.dpo import LOSS_TYPES
+from post_training.losses import dpo
+from post_training.losses.qrpo import check_qrpo_options
 from post_training.schema.base import Section
 
 
@@ -48,7 +49,9 @@ class DPOTrainer(Section):
     name: Literal["dpo"] = Field(description="the DPO family, SimPO and ORPO")
     beta: float = Field(gt=0, description="β: strength of the implicit KL constraint")
     loss_type: str = Field(description="a DPO-family loss type (post_training.losses.dpo)")
-    label_smoothing: float = Field(ge=0, lt=0.5, description="sigmoid (cDPO) / robust")
+    label_smoothing: float = Field(
+        ge=0, lt=1, description="ε: sigmoid (cDPO), robust, simpo (< 0.5); exo_pair (> 0)"
+    )
     nll_weight: float = Field(ge=0, description="+ weight · NLL of the chosen reply (RPO)")
     simpo_gamma: float = Field(description="simpo: target margin γ")
     orpo_alpha: float = Field(ge=0, description="orpo: weight λ of the odds-ratio term")
@@ -57,9 +60,19 @@ class DPOTrainer(Section):
     @field_validator("loss_type")
     @classmethod
     def _known_loss(cls, value: str) -> str:
-        if value not in LOSS_TYPES:
-            raise ValueError(f"must be one of {', '.join(LOSS_TYPES)}")
+        known = dpo.LOSS_TYPES  # read from the loss table now: a new entry is accepted
+        if value not in known:
+            raise ValueError(f"must be one of {', '.join(known)}")
         return value
+
+    @model_validator(mode="after")
+    def _loss_options(self) -> DPOTrainer:
+        # The rules of the loss type's table entry (losses.dpo.check_dpo_options), e.g.
+        # exo_pair needs 0 < label_smoothing < 1, orpo nll_weight=0.
+        dpo.check_dpo_options(
+            self.loss_type, self.beta, self.label_smoothing, self.discopop_tau, self.nll_weight
+        )
+        return self
 
 
 class QRPOTrainer(Section):
@@ -71,6 +84,15 @@ class QRPOTrainer(Section):
     loss_length_normalized: bool = Field(description="squared residual / completion length")
     beta_cap: float | None = Field(gt=0, description="cap on the (normalised) β; warns if binding")
     min_quantile: float | None = Field(gt=0, lt=1, description="log transform: floor on q")
+
+    @model_validator(mode="after")
+    def _loss_options(self) -> QRPOTrainer:
+        # losses.qrpo.check_qrpo_options: min_quantile only with transform=log, approx only
+        # with identity.
+        check_qrpo_options(
+            self.beta, self.transform, self.approx_log_partition, self.beta_cap, self.min_quantile
+        )
+        return self
 
 
 SFTTrainers = Annotated[
