@@ -10,9 +10,11 @@ imported). Then:
 * an arrow between two packages (``data_sft``, ``trainers``, or a top-level module such as
   ``frame``) points to a strictly lower layer of :data:`LAYERS`; modules of one package may
   import each other;
-* an entrypoint (a module with ``@hydra.main``) may import from any layer, and no module imports
+* an entrypoint (a module with a ``@hydra.main`` main, see :func:`entrypoints`) may import from
+  any layer, and no module imports
   an entrypoint except an alias of :data:`ALIASES`, which only keeps an old ``python -m`` path
-  working;
+  working (ours run the new module with ``runpy``: Hydra then finds the configs as for the new
+  path);
 * ``import post_training.losses`` leaves ``transformers`` and ``tokenizers`` out, and
   ``import post_training`` imports nothing heavy.
 
@@ -42,7 +44,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("schema", "data_sft"),  # typed configs; SFT data: sources, mixtures, templates, tokens
     ("modeling", "data_preference"),  # tokenizer + model loading; preference pairs
     ("trainers",),  # the training loop and its loss-family subclasses
-    ("data_alignment", "exact_match", "model_merging", "frame"),  # pipelines over the above
+    ("data_alignment", "exact_match", "model_merging"),  # pipelines over the above
+    ("frame",),  # the run frame shared by the training entrypoints
     ("launch", "merge", "evaluate", "config_reference", "train_sft", "train_preference"),
 )
 
@@ -153,16 +156,28 @@ def component(module: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
+ENTRYPOINT_MAKERS = ("hydra.main", "entrypoint")
+"""Callables that turn a function into a command-line main: Hydra's decorator, and the run
+frame's wrapper of it (``post_training.frame.entrypoint``)."""
+
+
 def entrypoints(root: Path, package: str) -> set[str]:
-    """Modules that define a ``@hydra.main`` function."""
+    """Modules that make a main at module level: a ``@hydra.main`` (or ``@entrypoint(...)``)
+    function, or ``main = entrypoint(...)(run)``. (``frame`` itself only wraps, inside a
+    function, so it is no entrypoint.)"""
     found = set()
     for name, path in module_names(root, package).items():
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                for decorator in node.decorator_list:
-                    called = decorator.func if isinstance(decorator, ast.Call) else decorator
-                    if ast.unparse(called) == "hydra.main":
-                        found.add(name)
+        for statement in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(statement, ast.FunctionDef | ast.AsyncFunctionDef):
+                candidates = statement.decorator_list
+            elif isinstance(statement, ast.Assign | ast.Expr):
+                candidates = [n for n in ast.walk(statement.value) if isinstance(n, ast.Call)]
+            else:
+                continue
+            for node in candidates:
+                called = node.func if isinstance(node, ast.Call) else node
+                if ast.unparse(called) in ENTRYPOINT_MAKERS:
+                    found.add(name)
     return found
 
 
@@ -241,7 +256,11 @@ def test_entrypoints_are_found_and_aliases_only_call_their_main() -> None:
         assert target in entry
         tree = ast.parse(modules[alias].read_text(encoding="utf-8"))
         imports = [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
-        assert [(n.module, [a.name for a in n.names]) for n in imports] == [(target, ["main"])]
+        assert [ast.unparse(n) for n in imports] == ["import runpy"], alias
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+        assert [(ast.unparse(c.func), ast.literal_eval(c.args[0])) for c in calls] == [
+            ("runpy.run_module", target)
+        ], alias
         assert not [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
 
 
@@ -276,7 +295,7 @@ def _package(tmp_path: Path, files: Mapping[str, str]) -> Path:
     return root
 
 
-SYNTHETIC_LAYERS = (("low",), ("mid", "alias"), ("top", "high"))
+SYNTHETIC_LAYERS = (("low", "wrap"), ("mid", "alias"), ("top", "high"))
 
 
 def test_checker_reports_an_upward_import_even_inside_a_function(tmp_path: Path) -> None:
@@ -317,7 +336,10 @@ def test_checker_rules_for_entrypoints_aliases_and_unplaced_packages(tmp_path: P
             "def main(cfg):\n    import pkg.high\n",
             "mid.py": "from pkg.low import main\n",
             "alias.py": "from pkg.top import main\n",
-            "top.py": "import hydra\n@hydra.main(version_base=None)\ndef main(cfg): ...\n",
+            "top.py": "from pkg.wrap import entrypoint\nmain = entrypoint('top')(print)\n",
+            "wrap.py": "def entrypoint(name):\n"
+            "    import hydra\n"
+            "    return hydra.main(config_name=name)\n",
             "high.py": "",
             "stray.py": "",
         },

@@ -1,7 +1,8 @@
-"""Alias of :mod:`post_training.data_sft.build_mixture`: keeps
-``python -m post_training.data_sft.dataset_mixture`` working; nothing else lives here."""
+"""Alias of :mod:`post_training.data_sft.build_mixture`: keeps the old path
+``python -m post_training.data_sft.dataset_mixture`` working by running that entrypoint as
+``__main__`` (so Hydra finds its configs as it does for the new path); nothing else lives here."""
 
-from post_training.data_sft.build_mixture import main
+import runpy
 
 if __name__ == "__main__":
-    main()
+    runpy.run_module("post_training.data_sft.build_mixture", run_name="__main__", alter_sys=True)

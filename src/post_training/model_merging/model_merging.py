@@ -1,7 +1,8 @@
-"""Alias of :mod:`post_training.merge`, so ``python -m post_training.model_merging.model_merging``
-keeps working; nothing else lives here."""
+"""Alias of :mod:`post_training.merge`: keeps the old path
+``python -m post_training.model_merging.model_merging`` working by running that entrypoint as
+``__main__`` (so Hydra finds its configs as it does for the new path); nothing else lives here."""
 
-from post_training.merge import main
+import runpy
 
 if __name__ == "__main__":
-    main()
+    runpy.run_module("post_training.merge", run_name="__main__", alter_sys=True)
