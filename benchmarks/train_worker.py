@@ -10,7 +10,7 @@ directory (config + tokenizer; weights are initialised from seed 0 in both, as o
 steps, warm-up steps, precision, attention implementation, learning rate.
 
 What is measured, identically for both: a timestamp at the end of every optimizer step (ours:
-after ``Trainer._optimizer_step`` returns; TRL: its ``on_step_end`` callback), with the running
+a ``TrainerCallback.on_step_end`` of our loop; TRL: its ``on_step_end`` callback), with the running
 totals of non-pad input tokens, examples (packed rows for SFT, pairs for DPO) and model FLOPs
 (``post_training.utils.flops``, per micro-batch: tokens × FLOPs per token at the row length the
 attention ran over). Throughput is over the steps after the warm-up ones, from the end of the
@@ -149,16 +149,11 @@ def ours_overrides(spec: dict[str, Any]) -> list[str]:
         f"training_args.mixed_precision={'bf16' if spec['precision'] == 'bf16' else 'no'}",
         "evaluation.at_end=false",
     ]
-    if spec["impl"] == "plain":
-        overrides.append(f"trainer.name={HF_LOSS}")
     if spec["kind"] == "sft":
         overrides.append("training_args.packing=true")
     else:
         overrides.append(f"reference.precompute={str(spec['ref'] == 'precomputed').lower()}")
     return overrides
-
-
-HF_LOSS = "hf-loss"
 
 
 def hf_loss_trainer() -> type:
@@ -179,36 +174,56 @@ def hf_loss_trainer() -> type:
     return HFLossTrainer
 
 
+def step_timer(marks: Marks) -> Any:
+    """The measurement hook: a trainer callback at every optimizer step (the loop unchanged)."""
+    from post_training.trainers.base import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, trainer):
+            marks.training_starts()
+
+        def on_step_end(self, trainer, step):
+            marks.tokens += step["tokens"]
+            marks.flops += step["flops"]
+            marks.examples += int(step["examples"])
+            marks.threads = torch.get_num_threads()
+            marks.step_end()
+
+    return StepTimer()
+
+
+def run_plain_sft(cfg: Any) -> int:
+    """``train_sft`` with the plain-loss trainer: the same frame, data, loop and optimizer."""
+    from post_training.data_sft.training_data import load_sft_data
+    from post_training.frame import begin, finish, load_policy
+    from post_training.losses.table import build_loss
+
+    frame = begin(cfg)
+    data = load_sft_data(frame.config, frame.tokenizer, packing=frame.args.training_args.packing)
+    model = load_policy(frame)
+    loss = build_loss(frame.args.trainer)
+    return finish(
+        frame, hf_loss_trainer(), model, data.train, data.eval, loss=loss, evaluation_dataset=None
+    )
+
+
 def run_ours(spec: dict[str, Any], marks: Marks) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from post_training.trainers import TRAINERS, base
+    from post_training import frame
     from post_training.utils.config import CONFIGS_DIR
 
-    TRAINERS[HF_LOSS] = hf_loss_trainer()
-
-    original = base.Trainer._optimizer_step
-
-    def timed_step(self, window):  # the measurement hook: the loop itself is unchanged
-        marks.training_starts()
-        before = (window["tokens"], window["flops"])
-        out = original(self, window)
-        marks.tokens += window["tokens"] - before[0]
-        marks.flops += window["flops"] - before[1]
-        marks.examples += self.global_batch
-        marks.threads = torch.get_num_threads()
-        marks.step_end()
-        return out
-
-    base.Trainer._optimizer_step = timed_step  # type: ignore[method-assign]
+    frame.EXTRA_CALLBACKS.append(step_timer(marks))
     entrypoint = "train_sft" if spec["kind"] == "sft" else "train_preference"
     config_name = "train-sft" if spec["kind"] == "sft" else "train-preference"
     with initialize_config_dir(str(CONFIGS_DIR), version_base=None):
         cfg = compose(config_name=config_name, overrides=ours_overrides(spec))
     OmegaConf.set_struct(cfg, True)
-    module = __import__(f"post_training.{entrypoint}", fromlist=["run"])
-    code = module.run(cfg)
+    if spec["impl"] == "plain":
+        code = run_plain_sft(cfg)
+    else:
+        code = __import__(f"post_training.{entrypoint}", fromlist=["run"]).run(cfg)
     if code:
         raise SystemExit(f"our {entrypoint} exited {code}")
     return {}

@@ -129,9 +129,11 @@ def test_trainer_losses_through_the_hinted_head_equal_full_logits(
     """Each SFT-family trainer's ``compute_loss``: chunked (with the gradient hint of the
     linear losses, formed in forward) = full logits, in loss and every gradient, with the
     upstream factor the loop applies (``loss × ranks × accumulation``)."""
+    from types import SimpleNamespace
+
     from post_training.losses import chunked
-    from post_training.trainers import TRAINERS
-    from post_training.trainers.sft import COUNT_KEYS
+    from post_training.losses.table import SFT_LOSSES, build_loss
+    from post_training.trainers.sft import COUNT_KEYS, SFTTrainer
 
     scales = []  # what the hinted backward found: the upstream scalar, or None (fallback)
     original = chunked._scale_of
@@ -142,9 +144,12 @@ def test_trainer_losses_through_the_hinted_head_equal_full_logits(
     results = []
     for chunk in (0, 7):
         model = tiny_model()
-        obj = object.__new__(TRAINERS[trainer])
-        obj.args = {"loss_chunk_size": chunk}
-        obj.cfg = {"trainer": {"plw_args": plw_args, "irl_args": {"lambda_td": 0.5, "gamma": 1}}}
+        obj = object.__new__(SFTTrainer)
+        obj.args = SimpleNamespace(loss_chunk_size=chunk)
+        section = {"name": trainer, "plw_args": plw_args}
+        if trainer == "irl":
+            section["irl_args"] = {"lambda_td": 0.5, "gamma": 1}
+        obj.loss = build_loss(section, SFT_LOSSES)
         counts = {k: obj.loss_counts(data)[k].double() for k in COUNT_KEYS}
         loss, _ = obj.compute_loss(model, data, counts)
         (loss * 4).backward()

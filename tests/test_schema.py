@@ -429,3 +429,19 @@ def test_config_reference_covers_every_trainer() -> None:
     for choice in trainer_choices(SCHEMAS["train_sft"]):
         assert choice in text
     assert "trainer.irl_args.lambda_td" in text
+
+
+def test_eval_strategy_is_checked() -> None:
+    """Moved here from test_sft_losses: the schema owns the rule now."""
+    assert (
+        check(
+            composed("train-sft", ["training_args.eval_strategy=epoch"])
+        ).training_args.eval_strategy
+        == "epoch"
+    )
+    typed = check(composed("train-sft", ["training_args.eval_steps=null"]))
+    assert typed.training_args.eval_strategy == "steps" and typed.training_args.eval_steps is None
+    with pytest.raises(ConfigError, match=r"training_args\.eval_strategy='step': must be"):
+        check(composed("train-sft", ["training_args.eval_strategy=step"]))
+    with pytest.raises(ConfigError, match=r"training_args\.eval_steps=0: must be greater than 0"):
+        check(composed("train-sft", ["training_args.eval_steps=0"]))

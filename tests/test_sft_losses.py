@@ -177,15 +177,3 @@ def test_sequence_exact_match_scores_the_last_assistant_turn_only() -> None:
     packed["sequence"] = torch.tensor([[0] * 6 + [1] * 5 + [-1]])
     packed["completion"][0, -1] = 0
     assert exact_matches(packed) == 1
-
-
-def test_eval_strategy_is_checked() -> None:
-    from post_training.errors import ConfigError
-    from post_training.trainers.base import check_eval_strategy
-
-    assert check_eval_strategy({"eval_strategy": "epoch"}) == "epoch"
-    assert check_eval_strategy({"eval_steps": None}) == "steps"
-    with pytest.raises(ConfigError, match="eval_strategy must be one of"):
-        check_eval_strategy({"eval_strategy": "step"})
-    with pytest.raises(ConfigError, match="eval_steps must be positive"):
-        check_eval_strategy({"eval_strategy": "steps", "eval_steps": 0})

@@ -1,22 +1,228 @@
-"""What every training entrypoint does around its own work (shared by ``train_sft`` and
-``train_preference``, which never import each other)."""
+"""The run frame shared by the training entrypoints, and the error printing of every entrypoint.
+
+A training entrypoint reads top to bottom and states only what differs::
+
+    frame = begin(cfg)                      # validate -> accelerator, seed -> run dir -> tokenizer
+    train, eval_rows = <its data>(frame)    # tokenized rows
+    model = load_policy(frame)              # + PEFT
+    return finish(frame, <its trainer>, model, train, eval_rows, loss=..., ...)
+                                            # trainer -> final model -> end-of-run evaluation
+
+Validation (:func:`validate`) runs before anything is written: the typed schema of the
+entrypoint (:mod:`post_training.schema`) and the dataset specs (keys, amounts, splits), so a bad
+value stops the launch with one line naming the key, the value and the rule.
+
+:func:`entrypoint` wraps ``@hydra.main`` for every entrypoint: a :class:`ProjectError` (config,
+data) prints one line and exits 2, without a traceback (``HYDRA_FULL_ERROR=1`` or
+``debug.traceback=true`` shows it); other exceptions keep theirs.
+"""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from post_training.modeling.loading import check_quantization
-from post_training.trainers.base import check_eval_strategy, check_training_length
+from omegaconf import DictConfig, OmegaConf
+
+from post_training.errors import ProjectError
+from post_training.schema import check
+from post_training.utils.config import register_resolvers, to_container
+
+log = logging.getLogger(__name__)
+register_resolvers()
+
+EXIT_CODE_PROJECT_ERROR = 2
 
 
+# ------------------------------------------------------------------------------ errors
+def wants_traceback(cfg: DictConfig | None) -> bool:
+    """``HYDRA_FULL_ERROR=1`` or ``debug.traceback=true``."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return True
+    debug = cfg.get("debug") if cfg is not None else None
+    return bool(debug is not None and debug.get("traceback"))
+
+
+def report_project_errors(run: Callable[[DictConfig], int | None], cfg: DictConfig) -> int:
+    """``run(cfg)``'s exit code; a project error becomes one line on stderr and exit code 2."""
+    try:
+        return int(run(cfg) or 0)
+    except ProjectError as error:
+        if wants_traceback(cfg):
+            raise
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return EXIT_CODE_PROJECT_ERROR
+
+
+def entrypoint(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], None]]:
+    """``@hydra.main`` for ``configs/<config_name>.yaml`` around ``run(cfg) -> exit code``:
+    struct mode, the schema checked before ``run`` starts, project errors as one line."""
+    import hydra
+
+    def wrap(run: Callable[[DictConfig], Any]) -> Callable[[], None]:
+        def checked(cfg: DictConfig) -> Any:
+            validate(cfg)
+            return run(cfg)
+
+        @hydra.main(config_path="configs", config_name=config_name, version_base=None)
+        @functools.wraps(run)
+        def main(cfg: DictConfig) -> None:
+            OmegaConf.set_struct(cfg, True)
+            code = report_project_errors(checked, cfg)
+            if code:
+                sys.exit(code)
+
+        return main
+
+    return wrap
+
+
+# ------------------------------------------------------------------------------ validation
 def apply_debug(cfg: DictConfig) -> None:
-    """Check the training length and evaluation schedule before anything loads; with
-    ``debug.enabled``, a few steps (the output root is already ``outputs-debug``)."""
-    check_training_length(cfg.training_args)
-    check_eval_strategy(cfg.training_args)
-    check_quantization(cfg.model, cfg.get("model_args"))
-    if cfg.debug.enabled:
-        for key in ("num_train_epochs", "num_training_samples", "num_training_tokens"):
+    """``debug.enabled``: a few steps (the output root is already ``outputs-debug``)."""
+    if not cfg.debug.enabled or "training_args" not in cfg:
+        return
+    for key in ("num_train_epochs", "num_training_samples", "num_training_tokens"):
+        if key in cfg.training_args:
             cfg.training_args[key] = None
-        cfg.training_args.max_steps = cfg.debug.max_steps
+    cfg.training_args.max_steps = cfg.debug.max_steps
+    if "evaluation" in cfg:
         cfg.evaluation.max_examples = 20
+
+
+def validate(cfg: DictConfig) -> Any:
+    """The typed config of ``cfg`` (:mod:`post_training.schema`), with the dataset specs
+    checked too (no data is read); raises a :class:`~post_training.errors.ConfigError` before
+    anything is written. Idempotent."""
+    from post_training.data_sft.dataset_config import check_dataset_config
+
+    apply_debug(cfg)
+    typed = check(to_container(cfg))
+    for section in (getattr(typed, "dataset", None), getattr(typed, "evaluation", None)):
+        if section is not None and hasattr(section, "train"):
+            check_dataset_config(section.model_dump(), "dataset")
+    evaluation_dataset = getattr(getattr(typed, "evaluation", None), "dataset", None)
+    if evaluation_dataset is not None:
+        check_dataset_config(evaluation_dataset.model_dump(), "evaluation.dataset")
+    return typed
+
+
+# ------------------------------------------------------------------------------ the frame
+@dataclass
+class Frame:
+    """What every training entrypoint builds first."""
+
+    args: Any  # the typed config: post_training.schema.TrainSFT / TrainPreference
+    accelerator: Any
+    run: Any  # post_training.utils.run.RunContext
+    tokenizer: Any
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved config, as frozen in the run dir (plain dicts)."""
+        return self.run.config
+
+
+def begin(cfg: DictConfig) -> Frame:
+    """Validate, then accelerator and seed, run dir (+ resume target), tokenizer."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from post_training.modeling.loading import check_quantization, load_tokenizer
+    from post_training.utils.run import setup_run
+
+    args = validate(cfg)
+    check_quantization(args.model.model_dump(), args.model_args.model_dump())
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # several CPU processes (gloo) under torchrun
+        gradient_accumulation_steps=args.training_args.gradient_accumulation_steps,
+        mixed_precision=args.training_args.mixed_precision,
+    )
+    set_seed(args.seed)
+    run = setup_run(cfg, accelerator)
+    return Frame(args, accelerator, run, load_tokenizer(run.config["model"]))
+
+
+def load_policy(frame: Frame) -> Any:
+    """The model to train (``model``), with LoRA adapters when ``model_args.use_peft``."""
+    from post_training.modeling.loading import apply_peft, load_model
+
+    model_args = frame.config["model_args"]
+    return apply_peft(load_model(frame.config["model"], frame.tokenizer, model_args), model_args)
+
+
+def finish(
+    frame: Frame,
+    trainer_class: type,
+    model: Any,
+    train: Sequence[Mapping[str, Any]],
+    eval_rows: Sequence[Mapping[str, Any]],
+    *,
+    loss: Any,
+    evaluation_dataset: Mapping[str, Any] | None,
+    reference: Any = None,
+    callbacks: Sequence[Any] = (),
+) -> int:
+    """Build the trainer, train, save the final model, score it on ``evaluation_dataset``
+    (exact match); the exit code (75 when a signal stopped the run after its checkpoint)."""
+    from post_training.exact_match import evaluate_final_model
+    from post_training.trainers.base import TrainerContext
+    from post_training.utils.signals import EXIT_CODE_STOPPED
+    from post_training.utils.tracking import MetricsLogger
+
+    accelerator, run, args = frame.accelerator, frame.run, frame.args
+    metrics = MetricsLogger(
+        run.run_dir,
+        run.config,
+        run_id=f"{args.job_subdir}-{run.config_hash}",
+        enabled=accelerator.is_main_process,
+        tensorboard=args.tensorboard,
+        wandb_cfg=run.config["wandb"],
+    )
+    try:
+        trainer = trainer_class(
+            TrainerContext(
+                config=args,
+                model=model,
+                tokenizer=frame.tokenizer,
+                train_data=train,
+                eval_data=eval_rows,
+                accelerator=accelerator,
+                run=run,
+                metrics=metrics,
+                loss=loss,
+                reference=reference,
+                callbacks=[*callbacks, *EXTRA_CALLBACKS],
+            )
+        )
+        outcome = trainer.train()
+        if outcome.stopped_by_signal:
+            return EXIT_CODE_STOPPED
+        del trainer, model  # evaluation scores the saved final model, as `evaluate` would
+        accelerator.free_memory()
+        evaluation = run.config["evaluation"]
+        if evaluation["at_end"] and evaluation_dataset and accelerator.is_main_process:
+            evaluate_final_model(
+                outcome.final_model_dir,
+                dict(evaluation_dataset),
+                evaluation,
+                args.model.torch_dtype,
+                metrics,
+                outcome.state.global_step,
+            )
+        return 0
+    finally:
+        metrics.close()
+        accelerator.end_training()
+
+
+EXTRA_CALLBACKS: list[Any] = []
+"""Callbacks every trainer built by :func:`finish` gets (a benchmark's step timer, say), on top
+of the entrypoint's own."""

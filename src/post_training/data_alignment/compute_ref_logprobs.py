@@ -22,7 +22,6 @@ from accelerate import Accelerator
 from omegaconf import DictConfig
 
 from post_training.data_alignment.partitions import read_stage
-from post_training.data_alignment.ref_logps import summed_logps
 from post_training.data_alignment.stage import (
     begin,
     chat_encoder,
@@ -37,6 +36,7 @@ from post_training.data_sft.tokenize import FilterReport
 from post_training.data_sft.training_data import tokenizer_fingerprint
 from post_training.errors import DataError
 from post_training.modeling.loading import load_model, load_tokenizer
+from post_training.trainers.reference import summed_logps
 
 log = logging.getLogger(__name__)
 STAGE = "compute_ref_logprobs"

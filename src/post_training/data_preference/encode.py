@@ -119,13 +119,14 @@ def load_preference_data(
     return out["train"], out["eval"], reports
 
 
-def require_columns(pairs: Sequence[Mapping[str, Any]], keys: Sequence[str], where: str) -> None:
-    """A clear error, before training, for the first pair lacking one of ``keys``."""
-    for pair in pairs:
-        for key in keys:
-            if key not in pair:
-                raise DataError(
-                    f"{where}: row {int(pair['row_index'])} has no '{key}' (QRPO needs quantile "
-                    "rewards: give chosen_quantile_reward / rejected_quantile_reward, or "
-                    "chosen_reward, rejected_reward and ref_rewards)"
-                )
+def describe_reports(reports: Mapping[str, Mapping[str, Any]]) -> str:
+    """The filter reports of the splits in words: ``train: 1200 of 1250 kept (dropped:
+    prompt_too_long 50)``."""
+    parts = []
+    for split, report in reports.items():
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(report.get("dropped", {}).items()))
+        parts.append(
+            f"{split} conversations: {report['kept']} of {report['total']} kept"
+            + (f" (dropped: {dropped})" if dropped else "")
+        )
+    return "; ".join(parts) or "no pairs"

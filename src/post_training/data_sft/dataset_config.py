@@ -52,6 +52,26 @@ def dataset_specs(dataset_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
     return legacy(cfg["train_path"]), legacy(cfg["eval_path"]) if cfg.get("eval_path") else None
 
 
+def check_from_train(eval_spec: Mapping[str, Any], where: str = "dataset.eval") -> dict:
+    """The options of ``{from_train: {...}}``; unknown keys refused."""
+    options = eval_spec["from_train"] or {}
+    unknown = sorted(set(options) - set(FROM_TRAIN_KEYS)) + sorted(set(eval_spec) - {"from_train"})
+    if unknown:
+        raise ConfigError(f"{where}.from_train: unknown keys {unknown}; allowed: {FROM_TRAIN_KEYS}")
+    return dict(options)
+
+
+def check_dataset_config(dataset_cfg: Mapping[str, Any], where: str = "dataset") -> None:
+    """The train / eval specs of a dataset config checked without reading any data (keys,
+    amounts, seeds), so a bad spec stops a launch before anything is written."""
+    train_spec, eval_spec = dataset_specs(dataset_cfg)
+    parse_spec(train_spec, f"{where}.train")
+    if isinstance(eval_spec, Mapping) and "from_train" in eval_spec:
+        check_from_train(eval_spec, f"{where}.eval")
+    elif eval_spec is not None:
+        parse_spec(eval_spec, f"{where}.eval")
+
+
 def _head(ds: Dataset, limit: int | None) -> Dataset:
     return ds.select(range(min(limit, len(ds)))) if limit else ds
 
@@ -67,14 +87,7 @@ def load_train_eval(
     report: dict[str, Any] = {"train": {"sources": train_sources}, "eval": None}
     eval_ds = None
     if isinstance(eval_spec, Mapping) and "from_train" in eval_spec:
-        options = eval_spec["from_train"] or {}
-        unknown = sorted(set(options) - set(FROM_TRAIN_KEYS)) + sorted(
-            set(eval_spec) - {"from_train"}
-        )
-        if unknown:
-            raise ConfigError(
-                f"dataset.eval.from_train: unknown keys {unknown}; allowed: {FROM_TRAIN_KEYS}"
-            )
+        options = check_from_train(eval_spec)
         seed = options.get("seed")
         seed = parse_spec(train_spec, "dataset.train").seed if seed is None else seed
         train, eval_ds = split_dataset(

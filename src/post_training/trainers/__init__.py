@@ -1,21 +1,7 @@
-"""Trainers: the shared loop (:class:`Trainer`) and one thin subclass per loss family."""
+"""Trainers: the shared loop (:class:`Trainer`), one trainer per family (SFT, preference) holding
+a loss object from :mod:`post_training.losses.table`, and the reference log-probs component."""
 
-from post_training.trainers.base import Trainer, TrainOutcome
-from post_training.trainers.sft import IRLTrainer, LNPLWTrainer, PLWTrainer, SFTTrainer
+from post_training.trainers.base import Trainer, TrainerCallback, TrainerContext, TrainOutcome
+from post_training.trainers.sft import SFTTrainer
 
-TRAINERS: dict[str, type[Trainer]] = {
-    "sft": SFTTrainer,
-    "plw": PLWTrainer,
-    "ln-plw": LNPLWTrainer,
-    "irl": IRLTrainer,
-}
-
-__all__ = [
-    "TRAINERS",
-    "IRLTrainer",
-    "LNPLWTrainer",
-    "PLWTrainer",
-    "SFTTrainer",
-    "TrainOutcome",
-    "Trainer",
-]
+__all__ = ["SFTTrainer", "TrainOutcome", "Trainer", "TrainerCallback", "TrainerContext"]

@@ -17,7 +17,7 @@ import resource
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 FINAL_MODEL_DIR = "final-model"
 FINAL_ADAPTER_DIR = "final-adapter"
-LENGTH_KEYS = ("max_steps", "num_train_epochs", "num_training_samples", "num_training_tokens")
-EVAL_STRATEGIES = ("no", "steps", "epoch")
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -63,6 +61,41 @@ class TrainState:
     samples_seen: int = 0
 
 
+class TrainerCallback:
+    """Step hooks: override what you need. Called on the main loop of every rank."""
+
+    def on_step_begin(self, trainer: Trainer) -> None:
+        """Before optimizer step ``trainer.state.global_step + 1`` (its batches not yet built)."""
+
+    def on_step_end(self, trainer: Trainer, step: dict[str, float]) -> None:
+        """After optimizer step ``trainer.state.global_step``; ``step`` holds what it did, over
+        all ranks: ``tokens`` (non-padding), ``flops`` (model FLOPs), ``examples``,
+        ``grad_norm``, ``learning_rate``."""
+
+    def on_log(self, trainer: Trainer, metrics: dict[str, float], step: int) -> None:
+        """After a training or evaluation log at ``step``."""
+
+    def on_save(self, trainer: Trainer, path: Path) -> None:
+        """After a full checkpoint was completed at ``path``."""
+
+
+@dataclass
+class TrainerContext:
+    """Everything a trainer is built from: the run frame assembles it once."""
+
+    config: Any  # the typed config (post_training.schema: TrainSFT / TrainPreference)
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    train_data: Sequence[Mapping[str, Sequence[int]]]
+    eval_data: Sequence[Mapping[str, Sequence[int]]]
+    accelerator: Accelerator
+    run: RunContext
+    metrics: MetricsLogger
+    loss: Any  # a loss object of post_training.losses.table
+    reference: Any = None  # post_training.trainers.reference.Reference (preference only)
+    callbacks: list[TrainerCallback] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class TrainOutcome:
     state: TrainState
@@ -71,76 +104,43 @@ class TrainOutcome:
     last_checkpoint: Path | None
 
 
-def check_training_length(args: dict[str, Any]) -> str:
-    """The one training-length key that is set; a clear error if none or several are."""
-    chosen = [k for k in LENGTH_KEYS if args.get(k) is not None]
-    if len(chosen) != 1:
-        raise ConfigError(
-            "Set exactly one of training_args."
-            + ", training_args.".join(LENGTH_KEYS)
-            + f" (the others null); got {chosen or 'none'}"
-        )
-    if chosen[0] == "num_training_tokens" and not args.get("packing"):
-        raise ConfigError("training_args.num_training_tokens needs training_args.packing=true")
-    return chosen[0]
-
-
-def check_eval_strategy(args: dict[str, Any]) -> str:
-    """``training_args.eval_strategy`` (transformers' names): ``no``, ``steps`` (every
-    ``eval_steps``; null: only at the end) or ``epoch``; anything else is refused."""
-    strategy = str(args.get("eval_strategy") or "steps")
-    if strategy not in EVAL_STRATEGIES:
-        raise ConfigError(
-            f"training_args.eval_strategy must be one of {list(EVAL_STRATEGIES)}, got {strategy!r}"
-        )
-    every = args.get("eval_steps")
-    if strategy == "steps" and every is not None and int(every) <= 0:
-        raise ConfigError(f"training_args.eval_steps must be positive or null, got {every}")
-    return strategy
-
-
 class Trainer(ABC):
     """Owns the loop, checkpoints, logging and graceful stop. Subclasses implement the loss."""
 
-    def __init__(
-        self,
-        cfg: dict[str, Any],
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        train_data: Sequence[Mapping[str, Sequence[int]]],
-        eval_data: Sequence[Mapping[str, Sequence[int]]],
-        accelerator: Accelerator,
-        run: RunContext,
-        metrics: MetricsLogger,
-    ) -> None:
-        self.cfg = cfg
-        self.args = cfg["training_args"]
-        self.tokenizer = tokenizer
-        self.train_data = train_data
-        self.eval_data = eval_data
-        self.accelerator = accelerator
-        self.run = run
-        self.metrics = metrics
+    def __init__(self, ctx: TrainerContext) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.args = ctx.config.training_args
+        self.tokenizer = ctx.tokenizer
+        self.train_data = ctx.train_data
+        self.eval_data = ctx.eval_data
+        self.accelerator = accelerator = ctx.accelerator
+        self.run = ctx.run
+        self.metrics = ctx.metrics
+        self.loss = ctx.loss
+        self.callbacks = list(ctx.callbacks)
         self.state = TrainState()
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        model = ctx.model
 
-        self.micro_batch = int(self.args["per_device_train_batch_size"])
-        self.accumulation = int(self.args["gradient_accumulation_steps"])
+        self.micro_batch = self.args.per_device_train_batch_size
+        self.accumulation = self.args.gradient_accumulation_steps
         self.world = accelerator.num_processes
         self.global_batch = self.micro_batch * self.accumulation * self.world
-        self.steps_per_epoch = len(train_data) // self.global_batch
+        self.steps_per_epoch = len(self.train_data) // self.global_batch
         if self.steps_per_epoch == 0:
             raise ConfigError(
-                f"The training split has {len(train_data)} examples, fewer than one global batch "
-                f"({self.global_batch} = per-device batch × accumulation × {self.world} ranks)"
+                f"The training split has {len(self.train_data)} examples, fewer than one global "
+                f"batch ({self.global_batch} = per-device batch × accumulation × {self.world} "
+                "ranks)"
             )
         self.state.total_steps = self._total_steps()
-        self.eval_strategy = check_eval_strategy(self.args)
+        self.eval_strategy = self.args.eval_strategy
 
         # MFU: training FLOPs per token of this model against the device's peak FLOP/s.
         self.model_flops = ModelFlops.of(model)
         self.peak_flops = device_peak_flops(accelerator.device)
-        if self.args["gradient_checkpointing"]:
+        if self.args.gradient_checkpointing:
             # transformers 5 renamed it; the old name still works there, with a warning.
             enable = getattr(model, "activation_checkpointing_enable", None)
             (enable or model.gradient_checkpointing_enable)()
@@ -178,8 +178,8 @@ class Trainer(ABC):
 
     # ------------------------------------------------------------------------------ set-up
     def _total_steps(self) -> int:
-        key = check_training_length(self.args)
-        value = self.args[key]
+        key = self.args.length_key
+        value = getattr(self.args, key)
         if key == "max_steps":
             return int(value)
         if key == "num_train_epochs":
@@ -203,7 +203,7 @@ class Trainer(ABC):
         ds["train_micro_batch_size_per_gpu"] = self.micro_batch
         ds["gradient_accumulation_steps"] = self.accumulation
         ds["train_batch_size"] = self.global_batch
-        ds["gradient_clipping"] = float(self.args.get("max_grad_norm") or 0.0)
+        ds["gradient_clipping"] = float(self.args.max_grad_norm or 0.0)
 
     def _make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         decay, no_decay = [], []
@@ -212,23 +212,23 @@ class Trainer(ABC):
                 continue
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
         groups = [
-            {"params": decay, "weight_decay": float(self.args["weight_decay"])},
+            {"params": decay, "weight_decay": self.args.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
         return torch.optim.AdamW(
             groups,
-            lr=float(self.args["learning_rate"]),
-            betas=(float(self.args["adam_beta1"]), float(self.args["adam_beta2"])),
-            eps=float(self.args["adam_epsilon"]),
+            lr=self.args.learning_rate,
+            betas=(self.args.adam_beta1, self.args.adam_beta2),
+            eps=self.args.adam_epsilon,
             fused=self.accelerator.device.type == "cuda",
         )
 
     def _make_scheduler(self, optimizer: torch.optim.Optimizer):
-        warmup = self.args.get("warmup_steps")
+        warmup = self.args.warmup_steps
         if warmup is None:
-            warmup = math.ceil(float(self.args["warmup_ratio"]) * self.state.total_steps)
+            warmup = math.ceil(self.args.warmup_ratio * self.state.total_steps)
         return get_scheduler(
-            self.args["lr_scheduler_type"],
+            self.args.lr_scheduler_type,
             optimizer,
             num_warmup_steps=int(warmup),
             num_training_steps=self.state.total_steps,
@@ -242,9 +242,9 @@ class Trainer(ABC):
             batches = epoch_batches(
                 lengths,
                 self.global_batch,
-                int(self.cfg["seed"]),
+                self.config.seed,
                 epoch,
-                bool(self.args.get("group_by_length")),
+                self.args.group_by_length,
             )
             self._epoch_cache = (epoch, batches)
         return self._epoch_cache[1]
@@ -307,20 +307,31 @@ class Trainer(ABC):
         evaluated_at = -1
         stopped = False
         while state.global_step < state.total_steps:
+            for callback in self.callbacks:
+                callback.on_step_begin(self)
+            before = (window["tokens"], window["flops"])
             grad_norm, lr = self._optimizer_step(window)
             state.global_step += 1
             step = state.global_step
             stop_now = self._stop_requested(stopper)
-
-            if step % int(args["logging_steps"]) == 0 or step == state.total_steps or stop_now:
+            done = {
+                "tokens": window["tokens"] - before[0],
+                "flops": window["flops"] - before[1],
+                "examples": float(self.global_batch),
+                "grad_norm": grad_norm,
+                "learning_rate": lr,
+            }
+            for callback in self.callbacks:
+                callback.on_step_end(self, done)
+            if step % args.logging_steps == 0 or step == state.total_steps or stop_now:
                 self._log_train(window, grad_norm, lr)
             if self._eval_due(step):
-                self.metrics.log(self.evaluate_loss(), step)
+                self.log(self.evaluate_loss(), step)
                 evaluated_at = step
-            every = args.get("inference_checkpoint_steps")
-            if every and step % int(every) == 0:
+            every = args.inference_checkpoint_steps
+            if every and step % every == 0:
                 self.save_model(self.run.checkpoint_dir / f"inference-checkpoint-{step}")
-            if (args.get("save_steps") and step % int(args["save_steps"]) == 0) or stop_now:
+            if (args.save_steps and step % args.save_steps == 0) or stop_now:
                 last_saved = self.save_checkpoint()
             if stop_now:
                 stopped = True
@@ -337,11 +348,11 @@ class Trainer(ABC):
         if last_saved is None or ckpt.step_of(last_saved) != state.global_step:
             last_saved = self.save_checkpoint()
         if self.eval_data and self.eval_strategy != "no" and evaluated_at != state.global_step:
-            self.metrics.log(self.evaluate_loss(), state.global_step)
+            self.log(self.evaluate_loss(), state.global_step)
         final = self.run.checkpoint_dir / FINAL_MODEL_DIR
         if is_peft_model(self.accelerator.unwrap_model(self.model)):
             self.save_model(self.run.checkpoint_dir / FINAL_ADAPTER_DIR)
-            if self.cfg.get("model_args", {}).get("save_merged_model", True):
+            if self.config.model_args.save_merged_model:
                 self.save_merged_model(final)
             else:
                 final = self.run.checkpoint_dir / FINAL_ADAPTER_DIR
@@ -393,7 +404,7 @@ class Trainer(ABC):
             sums["flops"] += tokens * self.model_flops.per_token(batch["input_ids"].shape[1])
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0) + value.detach().double()
-        max_norm = self.args.get("max_grad_norm")
+        max_norm = self.args.max_grad_norm
         grad_norm = accelerator.clip_grad_norm_(
             self.model.parameters(), float(max_norm) if max_norm else float("inf")
         )
@@ -423,7 +434,7 @@ class Trainer(ABC):
             return False
         if self.eval_strategy == "epoch":
             return step % self.steps_per_epoch == 0
-        every = self.args.get("eval_steps")
+        every = self.args.eval_steps
         return bool(every) and step % int(every) == 0
 
     def _stop_requested(self, stopper: GracefulStop) -> bool:
@@ -461,14 +472,20 @@ class Trainer(ABC):
         metrics["perf/tflops"] = flops_per_device / 1e12
         metrics["perf/mfu"] = flops_per_device / self.peak_flops
         metrics["peak_memory_gb"] = peak_memory_gb(self.accelerator.device)
-        self.metrics.log(metrics, step)
+        self.log(metrics, step)
         window.update(self._new_window())
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Record ``metrics`` at ``step`` (metrics.jsonl, trackers) and tell the callbacks."""
+        self.metrics.log(metrics, step)
+        for callback in self.callbacks:
+            callback.on_log(self, metrics, step)
 
     def _eval_batches(self) -> list[tuple[dict[str, torch.Tensor], bool]]:
         """This rank's eval batches: examples r, r+W, ...; every rank gets the same number of
         batches (an exhausted rank scores a stand-in batch flagged False), since DDP, FSDP and
         ZeRO-3 forwards are collective."""
-        size = int(self.args["per_device_eval_batch_size"])
+        size = self.args.per_device_eval_batch_size
         mine = self.eval_data[self.accelerator.process_index :: self.world]
         num_batches = math.ceil(math.ceil(len(self.eval_data) / self.world) / size)
         batches = []
@@ -514,9 +531,11 @@ class Trainer(ABC):
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             ckpt.finalize(tmp, final)
-            ckpt.rotate(root, self.args.get("save_total_limit"))
+            ckpt.rotate(root, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
         log.info("Saved checkpoint %s", final)
+        for callback in self.callbacks:
+            callback.on_save(self, final)
         return final
 
     def _load_checkpoint(self, path: Path) -> None:
@@ -537,7 +556,7 @@ class Trainer(ABC):
             peft_model = self.accelerator.unwrap_model(self.model)
             if getattr(peft_model, "is_loaded_in_4bit", False):  # QLoRA: merge in full precision
                 adapter = self.run.checkpoint_dir / FINAL_ADAPTER_DIR
-                merged = merged_from_adapter(self.cfg["model"], str(adapter))
+                merged = merged_from_adapter(self.config.model.model_dump(), str(adapter))
             else:
                 merged = peft_model.merge_and_unload()
             with atomic_dir(directory, unique=False, fsync=True) as tmp:

@@ -14,19 +14,14 @@ losses (simpo, orpo) use none.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 
-from post_training.losses import dpo_loss, qrpo_loss
-from post_training.losses.dpo import REFERENCE_FREE
 from post_training.losses.logprobs import shift_labels
-from post_training.trainers.base import Trainer
+from post_training.trainers.base import Trainer, TrainerContext
 from post_training.trainers.sft import sft_forward
 
 log = logging.getLogger(__name__)
-
-REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def pair_statistics(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict:
@@ -45,58 +40,33 @@ def pair_statistics(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
 
 
 class PreferenceTrainer(Trainer):
-    """Shared forward, reference log-probs, normalisation and metrics; subclasses pick the loss."""
+    """The preference family's trainer: one forward per pair, the reference log-probs of
+    ``ctx.reference`` and the loss object of ``trainer.name`` (dpo family, qrpo)."""
 
-    reference_free = False
+    def __init__(self, ctx: TrainerContext) -> None:
+        super().__init__(ctx)
+        self.reference = ctx.reference
+        self.reference.prepare(self.accelerator)
+        if self.reference.precompute:  # one pass; the main process writes the cache
+            with self.accelerator.main_process_first():
+                self.reference.precompute_columns(
+                    self.model,
+                    [*self.train_data, *self.eval_data],
+                    self.run.config,
+                    self.tokenizer,
+                    self.accelerator,
+                )
 
-    def __init__(self, *args: Any, ref_model: torch.nn.Module | None = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.ref_model = ref_model
-        if ref_model is not None:
-            self.ref_model = ref_model.to(self.accelerator.device).eval().requires_grad_(False)
-
-    # --------------------------------------------------------------------------- subclass API
-    def loss_from(
-        self,
-        stats: dict[str, torch.Tensor],
-        ref: tuple[torch.Tensor, torch.Tensor] | None,
-        batch: dict[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
-
-    # --------------------------------------------------------------------------- loop hooks
     def loss_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"num_pairs": (batch["attention_mask"].sum(-1) > 0).sum()}
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict:
-        out = sft_forward(model, batch, int(self.args.get("loss_chunk_size") or 0))
-        return pair_statistics(out, batch)
-
-    @torch.no_grad()
-    def reference_logps(
-        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.reference_free:
-            return None
-        if all(k in batch for k in REF_KEYS):
-            return batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
-        if self.ref_model is not None:
-            ref = self.forward(self.ref_model, batch)
-        else:  # PEFT: the policy without its adapters is the reference
-            inner = self.accelerator.unwrap_model(model)
-            if not hasattr(inner, "disable_adapter"):
-                raise RuntimeError("no reference log-probs: no columns, no ref model, no PEFT")
-            was_training = model.training
-            model.eval()
-            with inner.disable_adapter():
-                ref = self.forward(model, batch)
-            model.train(was_training)
-        return ref["chosen_logps"].detach(), ref["rejected_logps"].detach()
+        return pair_statistics(sft_forward(model, batch, self.args.loss_chunk_size), batch)
 
     def compute_loss(self, model, batch, counts):
-        ref = self.reference_logps(model, batch)
+        ref = self.reference.logps(model, batch, self.forward)
         stats = self.forward(model, batch)
-        per_pair, metrics = self.loss_from(stats, ref, batch)
+        per_pair, metrics = self.loss(stats, ref, batch)
         loss = per_pair.sum() / counts["num_pairs"].clamp(min=1)
         sums = {key: value.detach().float().sum() for key, value in metrics.items()}
         for side in ("chosen", "rejected"):
@@ -105,85 +75,4 @@ class PreferenceTrainer(Trainer):
         return loss, sums
 
     def summarize(self, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
-        pairs = max(counts.get("num_pairs", 0.0), 1.0)
-        out = {}
-        for key, value in sums.items():
-            if key == "loss" or key.startswith("logits/"):
-                continue
-            out[key] = value / pairs
-        for side in ("chosen", "rejected"):
-            tokens = max(sums.get(f"logits/{side}_tokens", 0.0), 1.0)
-            out[f"logits/{side}"] = sums.get(f"logits/{side}_sum", 0.0) / tokens
-        return out
-
-    def precompute_reference(self, examples: list[dict], batch_size: int) -> None:
-        """Fill ``ref_chosen_logps`` / ``ref_rejected_logps`` of ``examples`` in place."""
-        from post_training.data_sft.collate import pad_collate
-
-        model = self.ref_model if self.ref_model is not None else self.model
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            batch = pad_collate(chunk, self.tokenizer.pad_token_id)
-            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            batch = {k: v for k, v in batch.items() if k not in REF_KEYS}
-            chosen, rejected = self.reference_logps(model, batch)
-            for example, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
-                example["ref_chosen_logps"] = c
-                example["ref_rejected_logps"] = r
-
-
-class DPOTrainer(PreferenceTrainer):
-    """``trainer=dpo``: ``trainer.loss_type`` in the DPO family, or reference-free simpo / orpo."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        cfg = args[0]
-        self.reference_free = cfg["trainer"]["loss_type"] in REFERENCE_FREE
-        super().__init__(*args, **kwargs)
-
-    def loss_from(self, stats, ref, batch):
-        options = {k: v for k, v in self.cfg["trainer"].items() if k not in ("name",)}
-        ref_c, ref_r = ref if ref is not None else (None, None)
-        return dpo_loss(
-            stats["chosen_logps"],
-            stats["rejected_logps"],
-            ref_c,
-            ref_r,
-            stats["chosen_lengths"],
-            stats["rejected_lengths"],
-            **options,
-        )
-
-
-class QRPOTrainer(PreferenceTrainer):
-    """``trainer=qrpo``: quantile reward policy optimisation (arXiv 2507.08068)."""
-
-    def loss_from(self, stats, ref, batch):
-        for key in ("chosen_quantile_reward", "rejected_quantile_reward"):
-            if key not in batch:
-                raise KeyError(
-                    f"QRPO needs '{key}' per pair: precompute it, or give chosen_reward, "
-                    "rejected_reward and ref_rewards in the dataset"
-                )
-        options = {k: v for k, v in self.cfg["trainer"].items() if k not in ("name",)}
-        per_pair, metrics = qrpo_loss(
-            stats["chosen_logps"],
-            stats["rejected_logps"],
-            ref[0],
-            ref[1],
-            batch["chosen_quantile_reward"].float(),
-            batch["rejected_quantile_reward"].float(),
-            stats["chosen_lengths"],
-            stats["rejected_lengths"],
-            **options,
-        )
-        capped = metrics.get("beta_capped_fraction")
-        if capped is not None and float(capped.max()) > 0:
-            log.warning(
-                "QRPO: trainer.beta_cap=%s binds for %.1f%% of this batch's completions",
-                self.cfg["trainer"].get("beta_cap"),
-                100 * float(capped.float().mean()),
-            )
-        return per_pair, metrics
-
-
-PREFERENCE_TRAINERS = {"dpo": DPOTrainer, "qrpo": QRPOTrainer}
+        return self.loss.summarize(sums, counts)

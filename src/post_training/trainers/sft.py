@@ -1,25 +1,26 @@
-"""SFT-family trainers: feed next-token log-probs and masks to a loss in ``post_training.losses``.
+"""The SFT trainer: feeds next-token log-probs and masks to the loss object of ``trainer.name``.
 
-``trainer=sft`` (completion NLL), ``trainer=plw`` (prompt-loss weighting), ``trainer=ln-plw``
-(length-normalised PLW), ``trainer=irl`` (TD-regularised MLE). They share the forward pass and
-the counts that normalise the losses over the whole accumulation window and all ranks.
+The loss (``trainer=sft`` completion NLL, ``plw`` prompt-loss weighting, ``ln-plw``
+length-normalised PLW, ``irl`` TD-regularised MLE) is chosen by the table in
+:mod:`post_training.losses.table`; the trainer owns the forward pass and the counts that
+normalise the loss over the whole accumulation window and all ranks.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from post_training.losses import irl_loss, ln_plw_loss, plw_loss, shift_labels
+from post_training.losses import shift_labels
 from post_training.losses.constants import IGNORE_INDEX
 from post_training.losses.logprobs import next_token_logps_and_lse
 from post_training.losses.plw import per_sequence
+from post_training.losses.table import COUNT_KEYS
 from post_training.trainers.base import Trainer
 from post_training.trainers.lm_head import chunkable_head, logprob_head
 
-COUNT_KEYS = ("num_prompt_tokens", "num_completion_tokens", "num_sequences")
+__all__ = ["COUNT_KEYS", "SFTTrainer", "exact_matches", "model_inputs", "sft_forward"]
 
 
 def target_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -127,11 +128,8 @@ def exact_matches(out: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 class SFTTrainer(Trainer):
-    """Mean NLL over completion tokens: PLW with prompt weight 0."""
-
-    # The loss is linear in the log-probs and ignores lse: its gradient in the log-probs is
-    # known before the forward, which lets the chunked head skip recomputation.
-    linear_in_logps = True
+    """The SFT family's trainer: one forward, the masks and counts, and the loss object of
+    ``trainer.name`` (:mod:`post_training.losses.table`: sft, plw, ln-plw, irl)."""
 
     def loss_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prompt = shift_labels(batch["prompt_mask"], 0)
@@ -150,35 +148,28 @@ class SFTTrainer(Trainer):
         batch: dict[str, torch.Tensor],
         grad_hint: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        return sft_forward(model, batch, int(self.args.get("loss_chunk_size") or 0), grad_hint)
+        return sft_forward(model, batch, self.args.loss_chunk_size, grad_hint)
 
     def logp_gradient(
         self, batch: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """``d loss / d logps`` of this micro-batch, from :meth:`loss_from` itself at zero
-        log-probs (for a loss linear in them, the gradient does not depend on where)."""
+        """``d loss / d logps`` of this micro-batch, from the loss itself at zero log-probs
+        (for a loss linear in them, the gradient does not depend on where)."""
         masks = sft_masks(batch)
         with torch.enable_grad():
             probe = torch.zeros(
                 masks["target"].shape, device=batch["input_ids"].device, requires_grad=True
             )
-            loss, _ = self.loss_from({**masks, "logps": probe, "lse": probe.detach()}, counts)
+            loss, _ = self.loss({**masks, "logps": probe, "lse": probe.detach()}, counts)
             (grad,) = torch.autograd.grad(loss, probe)
         return grad
 
-    def loss_from(
-        self, out: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return plw_loss(
-            out["logps"], out["prompt"], out["completion"], 0.0, *(counts[k] for k in COUNT_KEYS)
-        )
-
     def compute_loss(self, model, batch, counts):
         hint = None
-        if self.linear_in_logps and torch.is_grad_enabled() and self.args.get("loss_chunk_size"):
+        if self.loss.linear_in_logps and torch.is_grad_enabled() and self.args.loss_chunk_size:
             hint = self.logp_gradient(batch, counts)
         out = self.forward(model, batch, hint)
-        loss, metrics = self.loss_from(out, counts)
+        loss, metrics = self.loss(out, counts)
         prompt_hits = (out["correct"] * out["prompt"]).sum()
         completion_hits = (out["correct"] * out["completion"]).sum()
         return loss, {
@@ -189,71 +180,4 @@ class SFTTrainer(Trainer):
         }
 
     def summarize(self, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
-        n_p = max(counts.get("num_prompt_tokens", 0.0), 1.0)
-        n_c = max(counts.get("num_completion_tokens", 0.0), 1.0)
-        completion_loss = sums["completion_nll_sum"] / n_c
-        out = {
-            "prompt_loss": sums["prompt_nll_sum"] / n_p,
-            "completion_loss": completion_loss,
-            "completion_perplexity": math.exp(min(completion_loss, 50.0)),
-            "prompt_token_accuracy": sums["prompt_correct_sum"] / n_p,
-            "completion_token_accuracy": sums["completion_correct_sum"] / n_c,
-            "token_accuracy": (sums["prompt_correct_sum"] + sums["completion_correct_sum"])
-            / (n_p + n_c),
-            "num_completion_tokens": counts.get("num_completion_tokens", 0.0),
-        }
-        if "exact_match_sum" in sums:  # sequences with completion tokens
-            out["sequence_exact_match"] = sums["exact_match_sum"] / max(
-                counts.get("num_sequences", 0.0), 1.0
-            )
-        if "td_sum" in sums:
-            out["td_loss"] = sums["td_sum"] / n_c
-            out["implicit_reward"] = sums["reward_sum"] / n_c
-        return out
-
-
-class PLWTrainer(SFTTrainer):
-    """``trainer=plw``: weights ``plw_args.prompt_loss_weight`` on prompt tokens."""
-
-    loss_fn = staticmethod(plw_loss)
-
-    def loss_from(self, out, counts):
-        plw: dict[str, Any] = self.cfg["trainer"]["plw_args"]
-        return self.loss_fn(
-            out["logps"],
-            out["prompt"],
-            out["completion"],
-            float(plw["prompt_loss_weight"]),
-            *(counts[k] for k in COUNT_KEYS),
-            sequence_level=bool(plw["sequence_level_loss"]),
-            sequence_ids=out["sequence"],
-        )
-
-
-class LNPLWTrainer(PLWTrainer):
-    """``trainer=ln-plw``: ``plw · mean prompt CE + mean completion CE``."""
-
-    loss_fn = staticmethod(ln_plw_loss)
-
-
-class IRLTrainer(SFTTrainer):
-    """``trainer=irl``: base PLW loss + ``λ``·TD term (``irl_args.lambda_td``, ``gamma``)."""
-
-    linear_in_logps = False  # the TD term is quadratic in Q and uses lse
-
-    def loss_from(self, out, counts):
-        plw: dict[str, Any] = self.cfg["trainer"]["plw_args"]
-        irl: dict[str, Any] = self.cfg["trainer"]["irl_args"]
-        return irl_loss(
-            out["logps"],
-            out["lse"],
-            out["target"],
-            out["prompt"],
-            out["completion"],
-            *(counts[k] for k in COUNT_KEYS),
-            lambda_td=float(irl["lambda_td"]),
-            gamma=float(irl["gamma"]),
-            prompt_loss_weight=float(plw["prompt_loss_weight"]),
-            sequence_level=bool(plw["sequence_level_loss"]),
-            sequence_ids=out["sequence"],
-        )
+        return self.loss.summarize(sums, counts)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from post_training.errors import ConfigError
 from post_training.utils.atomic import atomic_write_json, atomic_write_text
-from post_training.utils.checkpointing import latest_checkpoint
+from post_training.utils.checkpointing import complete_checkpoints, latest_checkpoint
 from post_training.utils.config import config_hash, diff_configs, to_container
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,20 @@ def dump_yaml(data: dict[str, Any], path: Path) -> None:
 
 
 def _check_no_drift(checkpoints_root: Path, this_hash: str, resolved: dict, ignore: list) -> None:
-    """Refuse to start when the same job already holds checkpoints of a different config."""
+    """Refuse to start when the same job already holds checkpoints of a different config.
+
+    Only hash dirs that hold a complete checkpoint count: a launch that stopped before its
+    first checkpoint (a bad dataset row, say) holds nothing to protect. A hash dir with
+    checkpoints but no ``config.yaml`` cannot be compared, so it is refused too."""
     for other in sorted(p for p in checkpoints_root.glob("*") if p.is_dir()):
-        if other.name == this_hash or not (other / CONFIG_FILE).exists():
+        if other.name == this_hash or not complete_checkpoints(other):
             continue
+        if not (other / CONFIG_FILE).exists():
+            raise ConfigError(
+                f"Refusing to resume: {other} holds checkpoints but no {CONFIG_FILE}, so its "
+                "config cannot be compared with this one. Restore the file, use a new "
+                "job_subdir, or set resuming.allow_config_change=true to start a separate run."
+            )
         previous = yaml.safe_load((other / CONFIG_FILE).read_text())
         diffs = diff_configs(previous, resolved, ignore)
         if not diffs:

@@ -1,0 +1,234 @@
+"""Reference log-probs: one component decides where they come from, computes and caches them.
+
+The mode is decided once, at set-up (:meth:`Reference.decide`):
+
+* ``none``: the loss is reference-free (simpo, orpo); nothing is loaded;
+* ``dataset``: every pair carries ``ref_chosen_logps`` / ``ref_rejected_logps`` (e.g. from the
+  ``compute_ref_logprobs`` stage); nothing is loaded;
+* ``model``: a frozen reference model (``reference.model_name_or_path``, default the policy's
+  initial weights), placed like the policy (:meth:`Reference.prepare`);
+* ``peft``: the policy itself with its LoRA adapters disabled.
+
+With ``reference.precompute=true`` the ``model`` / ``peft`` modes run one pass before training
+(:meth:`Reference.precompute`), cached under ``data.cache_dir/ref-logps`` by everything that
+determines the numbers; the reference model is then freed and the batches carry the columns.
+
+:func:`summed_logps` is the one loop that scores tokenized pairs (or single conversations) with
+the forward and masks of training; the offline ``compute_ref_logprobs`` stage calls it too.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from post_training.data_sft.collate import pad_collate
+from post_training.data_sft.training_data import tokenize_options, tokenizer_fingerprint
+from post_training.trainers.preference import pair_statistics
+from post_training.trainers.sft import sft_forward
+from post_training.utils.atomic import atomic_file
+from post_training.utils.config import config_hash
+
+log = logging.getLogger(__name__)
+
+REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+MODES = ("none", "dataset", "model", "peft")
+
+
+def _adapters_off(model: torch.nn.Module):
+    """A context in which a PEFT model runs without its adapters (the base model)."""
+    inner = getattr(model, "module", model)  # DDP / accelerate wrappers
+    disable = getattr(inner, "disable_adapter", None)
+    if disable is None:
+        raise RuntimeError("reference mode 'peft' needs a PEFT policy")
+    return disable()
+
+
+@torch.no_grad()
+def summed_logps(
+    model: torch.nn.Module,
+    examples: Sequence[Mapping[str, Any]],
+    pad_token_id: int,
+    batch_size: int,
+    chunk_size: int = 0,
+    device: torch.device | None = None,
+    without_adapters: bool = False,
+) -> np.ndarray:
+    """Summed completion log-probs under ``model`` with the forward and masks of training:
+    ``[n, 2]`` (chosen, rejected) for tokenized pairs (``encode_pairs``), ``[n]`` for single
+    tokenized conversations. ``without_adapters``: the PEFT policy's base model."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = pad_collate(list(examples[start : start + batch_size]), pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items() if k not in REF_KEYS}
+            with _adapters_off(model) if without_adapters else nullcontext():
+                result = sft_forward(model, batch, chunk_size)
+            if "position_ids" in batch:
+                stats = pair_statistics(result, batch)
+                out.append(torch.stack([stats["chosen_logps"], stats["rejected_logps"]], -1))
+            else:
+                mask = result["completion"].to(result["logps"].dtype)
+                out.append((result["logps"] * mask).sum(-1))
+    finally:
+        model.train(was_training)
+    return torch.cat(out).double().cpu().numpy()
+
+
+def cache_file(config: Mapping[str, Any], tokenizer: Any) -> Path:
+    """Where the precomputed reference log-probs of this data, tokenizer and reference live."""
+    key = config_hash(
+        {
+            "dataset": config["dataset"],
+            "options": vars(tokenize_options(config)),
+            "max_prompt_length": config["training_args"].get("max_prompt_length"),
+            "chat_template": config["model"].get("chat_template"),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "reference": config["reference"]["model_name_or_path"] or config["model"],
+            "peft": config["model_args"] if config["model_args"].get("use_peft") else None,
+        },
+        ignore_keys=(),
+    )
+    return Path(config["data"]["cache_dir"]) / "ref-logps" / f"{key}.npz"
+
+
+@dataclass
+class Reference:
+    """Where a preference trainer's reference log-probs come from (see the module docs)."""
+
+    mode: str
+    precompute: bool = False
+    model: torch.nn.Module | None = None
+    chunk_size: int = 0
+    cache: Path | None = field(default=None)
+
+    @classmethod
+    def decide(
+        cls, needs_reference: bool, rows: Sequence[Mapping[str, Any]], peft: bool, config: Any
+    ) -> Reference:
+        """The mode for a loss (``needs_reference``), the training rows, whether the policy
+        is a PEFT model, and the typed config (``reference``, ``training_args``)."""
+        if not needs_reference:
+            mode = "none"
+        elif rows and all(k in row for row in rows for k in REF_KEYS):
+            mode = "dataset"
+        elif peft and not config.reference.model_name_or_path:
+            mode = "peft"
+        else:
+            mode = "model"
+        precompute = config.reference.precompute and mode in ("model", "peft")
+        return cls(mode, precompute, chunk_size=config.training_args.loss_chunk_size)
+
+    def describe(self) -> str:
+        return self.mode + (" (precomputed once)" if self.precompute else "")
+
+    def load(self, config: Mapping[str, Any], tokenizer: Any) -> Reference:
+        """Load the frozen reference model (mode ``model``): ``reference.model_name_or_path``,
+        else the policy's initial weights (the same ``model`` config)."""
+        from post_training.modeling.loading import load_model
+
+        if self.mode != "model":
+            return self
+        model_cfg = dict(config["model"])
+        if config["reference"]["model_name_or_path"]:
+            model_cfg.update(
+                model_name_or_path=config["reference"]["model_name_or_path"],
+                init_from_config=False,
+            )
+        self.model = load_model(model_cfg, tokenizer).eval().requires_grad_(False)
+        return self
+
+    def prepare(self, accelerator: Any) -> None:
+        """Put the frozen model on the policy's device (a full replica per rank; sharding it
+        like a ZeRO-3 / FSDP policy is the scale-out issue's)."""
+        if self.model is not None:
+            self.model = self.model.to(accelerator.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def logps(
+        self, policy: torch.nn.Module, batch: dict[str, torch.Tensor], forward: Any
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(chosen, rejected)`` summed reference log-probs of a batch [B] each; ``None``
+        for a reference-free loss. ``forward(model, batch)`` gives the pair statistics."""
+        if self.mode == "none":
+            return None
+        if all(k in batch for k in REF_KEYS):
+            return batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
+        if self.mode == "dataset":
+            raise RuntimeError("reference mode 'dataset' but the batch has no reference columns")
+        if self.mode == "model":
+            assert self.model is not None, "Reference.load() was not called"
+            ref = forward(self.model, batch)
+        else:  # peft: the policy without its adapters
+            was_training = policy.training
+            policy.eval()
+            with _adapters_off(policy):
+                ref = forward(policy, batch)
+            policy.train(was_training)
+        return ref["chosen_logps"].detach(), ref["rejected_logps"].detach()
+
+    def precompute_columns(
+        self,
+        policy: torch.nn.Module,
+        examples: list[dict[str, Any]],
+        config: Mapping[str, Any],
+        tokenizer: Any,
+        accelerator: Any,
+    ) -> None:
+        """Set ``ref_chosen_logps`` / ``ref_rejected_logps`` on every pair, from the cache or
+        by one pass (written to the cache atomically), then free the reference model. Call it
+        under ``accelerator.main_process_first()``: the main process computes and writes, the
+        others read the cache."""
+        if not self.precompute:
+            return
+        path = self.cache = cache_file(config, tokenizer)
+        values = self._read_cache(path, len(examples))
+        if values is None:
+            scorer = self.model if self.mode == "model" else policy
+            values = summed_logps(
+                scorer,
+                examples,
+                tokenizer.pad_token_id,
+                int(config["training_args"]["per_device_eval_batch_size"]),
+                self.chunk_size,
+                device=accelerator.device,
+                without_adapters=self.mode == "peft",
+            )
+            if accelerator.is_main_process:
+                with atomic_file(path) as tmp:
+                    np.savez(tmp, chosen=values[:, 0], rejected=values[:, 1])
+                log.info("Reference log-probs of %d pairs written to %s", len(examples), path)
+        for example, (chosen, rejected) in zip(examples, values.tolist(), strict=True):
+            example["ref_chosen_logps"], example["ref_rejected_logps"] = chosen, rejected
+        self.free()
+
+    @staticmethod
+    def _read_cache(path: Path, length: int) -> np.ndarray | None:
+        if not path.is_file():
+            return None
+        with np.load(path) as arrays:
+            values = np.stack([arrays["chosen"], arrays["rejected"]], -1)
+        if len(values) != length:
+            log.warning("Reference log-prob cache %s has another length; recomputing", path)
+            return None
+        log.info("Reference log-probs from the cache %s", path)
+        return values
+
+    def free(self) -> None:
+        """Drop the reference model (its log-probs are in the batches from now on)."""
+        if self.model is not None:
+            self.model = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
