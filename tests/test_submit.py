@@ -344,6 +344,29 @@ def test_sft_template_writes_submit_sh_in_a_copied_folder(
     assert "training_args.gradient_accumulation_steps=4" in words  # 32 / (1 × 1 × 8)
 
 
+def test_a_sweep_with_a_bad_value_is_refused_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every run's config is composed and validated like its job will: one bad value in the
+    sweep stops the generator with the run, the key, the value and the rule; nothing written."""
+    monkeypatch.setenv("DEVICES_PER_NODE", "1")
+    copy = tmp_path / "sft" / "1-bad"
+    shutil.copytree(TEMPLATES / "sft/0-template", copy)
+    template = _load(copy / "generate_submit.py")
+    monkeypatch.setitem(template.HYPERPARAMETERS, "training_args.learning_rate", [1e-3, -1.0])
+    with pytest.raises(submit.SubmitError) as error:
+        template.main([])
+    message = str(error.value)
+    assert message.startswith("run tiny_tiny-tasks_trainer-sft_lr"), message
+    assert "invalid config:" in message
+    assert "training_args.learning_rate=-1.0: must be greater than 0" in message
+    assert sorted(p.name for p in copy.iterdir()) == ["generate_submit.py"]
+    monkeypatch.setitem(template.HYPERPARAMETERS, "trainer", ["sft", "dpo"])  # not an SFT loss
+    monkeypatch.setitem(template.HYPERPARAMETERS, "training_args.learning_rate", [1e-3])
+    with pytest.raises(submit.SubmitError, match="trainer-dpo"):
+        template.main(["--dry-run"])
+
+
 @pytest.mark.parametrize("stage", submit.ALIGNMENT_STAGES)
 def test_alignment_templates_dry_run(stage: str, capsys: pytest.CaptureFixture[str]) -> None:
     result = _load(TEMPLATES / "alignment/0-template" / stage / "generate_submit.py").main(

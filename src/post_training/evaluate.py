@@ -13,10 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
 from post_training.exact_match import evaluate_checkpoint
+from post_training.frame import entrypoint
 from post_training.utils.config import to_container
 
 
@@ -33,9 +33,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
 
 
-@hydra.main(config_path="configs", config_name="evaluate", version_base=None)
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = entrypoint("evaluate")(run)
 
 
 if __name__ == "__main__":

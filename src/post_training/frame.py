@@ -19,7 +19,6 @@ data) prints one line and exits 2, without a traceback (``HYDRA_FULL_ERROR=1`` o
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -31,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from post_training.errors import ProjectError
 from post_training.schema import check
-from post_training.utils.config import register_resolvers, to_container
+from post_training.utils.config import CONFIGS_DIR, register_resolvers, to_container
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -51,12 +50,13 @@ def wants_traceback(cfg: DictConfig | None) -> bool:
 def report_project_errors(run: Callable[[DictConfig], int | None], cfg: DictConfig) -> int:
     """``run(cfg)``'s exit code; a project error becomes one line on stderr and exit code 2."""
     try:
-        return int(run(cfg) or 0)
+        code = run(cfg)
     except ProjectError as error:
         if wants_traceback(cfg):
             raise
         print(f"error: {error}", file=sys.stderr, flush=True)
         return EXIT_CODE_PROJECT_ERROR
+    return code if isinstance(code, int) else 0  # some entrypoints return what they wrote
 
 
 def entrypoint(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], None]]:
@@ -69,8 +69,9 @@ def entrypoint(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Call
             validate(cfg)
             return run(cfg)
 
-        @hydra.main(config_path="configs", config_name=config_name, version_base=None)
-        @functools.wraps(run)
+        # Absolute config dir; the job (and its log file) is named by `hydra.job.name:
+        # ${entrypoint}` in setup.yaml, not by this file.
+        @hydra.main(config_path=str(CONFIGS_DIR), config_name=config_name, version_base=None)
         def main(cfg: DictConfig) -> None:
             OmegaConf.set_struct(cfg, True)
             code = report_project_errors(checked, cfg)

@@ -17,12 +17,12 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 import yaml
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from post_training.errors import ConfigError
+from post_training.frame import entrypoint
 from post_training.model_merging.plan import (
     CONFIG_FILE,
     MANIFEST_FILE,
@@ -65,9 +65,7 @@ def run(cfg: DictConfig) -> Path:
     return plan.output_dir
 
 
-@hydra.main(config_path="configs", config_name="model-merging", version_base=None)
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = entrypoint("model-merging")(run)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
@@ -35,6 +34,7 @@ from post_training.data_preference.encode import encode_pairs
 from post_training.data_sft.tokenize import FilterReport
 from post_training.data_sft.training_data import tokenizer_fingerprint
 from post_training.errors import DataError
+from post_training.frame import entrypoint
 from post_training.modeling.loading import load_model, load_tokenizer
 from post_training.trainers.reference import summed_logps
 
@@ -115,9 +115,7 @@ def run(cfg: DictConfig) -> Path:
     )
 
 
-@hydra.main(config_path="../configs", config_name="compute-ref-logprobs", version_base=None)
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = entrypoint("compute-ref-logprobs")(run)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
@@ -26,6 +25,7 @@ from post_training.data_alignment.partitions import read_stage
 from post_training.data_alignment.rewards import RewardModel, resolve_reward_function
 from post_training.data_alignment.stage import begin, device, finite, now, shard_map, stage_output
 from post_training.errors import ConfigError, DataError
+from post_training.frame import entrypoint
 
 log = logging.getLogger(__name__)
 STAGE = "compute_rewards"
@@ -122,9 +122,7 @@ def run(cfg: DictConfig) -> Path:
     )
 
 
-@hydra.main(config_path="../configs", config_name="compute-rewards", version_base=None)
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = entrypoint("compute-rewards")(run)
 
 
 if __name__ == "__main__":

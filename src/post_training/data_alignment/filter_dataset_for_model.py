@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
 from post_training.data_alignment.stage import (
@@ -40,6 +39,7 @@ from post_training.data_sft.dataset_config import dataset_specs, load_train_eval
 from post_training.data_sft.tokenize import FilterReport
 from post_training.data_sft.training_data import spec_fingerprints
 from post_training.errors import ConfigError
+from post_training.frame import entrypoint
 from post_training.modeling.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -164,9 +164,7 @@ def run(cfg: DictConfig) -> Path:
     return output.write(kept, settings=settings, inputs=inputs, report=report, started=started)
 
 
-@hydra.main(config_path="../configs", config_name="filter-dataset-for-model", version_base=None)
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = entrypoint("filter-dataset-for-model")(run)
 
 
 if __name__ == "__main__":

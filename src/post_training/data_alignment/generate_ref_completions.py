@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
@@ -38,6 +37,7 @@ from post_training.data_alignment.stage import (
     shard_map,
     stage_output,
 )
+from post_training.frame import entrypoint
 from post_training.modeling.loading import load_model, load_tokenizer, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -113,9 +113,7 @@ def run(cfg: DictConfig) -> Path:
     )
 
 
-@hydra.main(config_path="../configs", config_name="generate-ref-completions", version_base=None)
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = entrypoint("generate-ref-completions")(run)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import logging
 import time
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from post_training.data_alignment.partitions import (
@@ -28,6 +27,7 @@ from post_training.data_alignment.partitions import (
 from post_training.data_alignment.pipeline import ALIGNMENT_STAGES
 from post_training.data_alignment.stage import begin
 from post_training.errors import ConfigError
+from post_training.frame import entrypoint
 
 log = logging.getLogger(__name__)
 STAGE = "merge_partitions"
@@ -88,9 +88,7 @@ def run(cfg: DictConfig) -> Path:
     return merge(Path(config["stage_dir"]), bool(config.get("overwrite")), count)
 
 
-@hydra.main(config_path="../configs", config_name="merge-partitions", version_base=None)
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = entrypoint("merge-partitions")(run)
 
 
 if __name__ == "__main__":

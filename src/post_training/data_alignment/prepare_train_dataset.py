@@ -27,7 +27,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig
 
@@ -36,6 +35,7 @@ from post_training.data_alignment.stage import begin, now, stage_output
 from post_training.data_preference.pairs import validate_pair
 from post_training.data_sft.mixing import plan_counts, sample_indices, source_rng
 from post_training.errors import ConfigError, DataError
+from post_training.frame import entrypoint
 
 log = logging.getLogger(__name__)
 STAGE = "prepare_train_dataset"
@@ -243,9 +243,7 @@ def run(cfg: DictConfig) -> Path:
     )
 
 
-@hydra.main(config_path="../configs", config_name="prepare-train-dataset", version_base=None)
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = entrypoint("prepare-train-dataset")(run)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ import logging
 from pathlib import Path
 
 import datasets
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from post_training.data_sft.mixing import load_dataset_split
 from post_training.data_sft.saved_datasets import (
@@ -27,6 +26,7 @@ from post_training.data_sft.saved_datasets import (
     strata_counts,
 )
 from post_training.data_sft.splitting import split_dataset
+from post_training.frame import entrypoint
 from post_training.utils.config import register_resolvers, to_container
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,7 @@ def run(cfg: DictConfig) -> Path:
     return output_dir
 
 
-@hydra.main(config_path="../configs", config_name="dataset-split", version_base=None)
-def main(cfg: DictConfig) -> None:
-    OmegaConf.set_struct(cfg, True)
-    run(cfg)
+main = entrypoint("dataset-split")(run)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig
 
@@ -33,6 +32,7 @@ from post_training.data_sft.templates import ChatTemplate, resolve_template
 from post_training.data_sft.tokenize import ChatEncoder, FilterReport
 from post_training.data_sft.training_data import iter_messages, tokenize_options
 from post_training.errors import ConfigError
+from post_training.frame import entrypoint
 from post_training.modeling.loading import load_tokenizer
 from post_training.utils.config import register_resolvers, to_container
 
@@ -221,9 +221,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | str:
     return stats
 
 
-@hydra.main(config_path="../configs", config_name="data-inspect", version_base=None)
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = entrypoint("data-inspect")(run)
 
 
 if __name__ == "__main__":

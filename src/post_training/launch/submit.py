@@ -453,6 +453,44 @@ def _cli(description: str, argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_runs(runs: Sequence[Run]) -> None:
+    """Compose every run's config as its job will (Hydra, the same overrides) and validate it
+    against the entrypoint's schema, so a sweep with a bad value is refused before anything is
+    written or submitted: a :class:`SubmitError` naming the run, the key, the value and the rule.
+    Array tasks are checked as task 0."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    from post_training.errors import ConfigError
+    from post_training.schema import CONFIG_NAMES, check
+    from post_training.utils.config import CONFIGS_DIR, register_resolvers
+
+    register_resolvers()
+    previous = os.environ.get("SLURM_ARRAY_TASK_ID")
+    os.environ["SLURM_ARRAY_TASK_ID"] = "0"
+    try:
+        with initialize_config_dir(str(CONFIGS_DIR), version_base=None):
+            for run in runs:
+                at = run.args.index("-m")
+                entrypoint = run.args[at + 1].rsplit(".", 1)[-1]
+                config_name = CONFIG_NAMES.get(entrypoint)
+                if config_name is None:
+                    continue  # a module without a schema of ours
+                try:
+                    cfg = compose(config_name, overrides=list(run.args[at + 2 :]))
+                    check(OmegaConf.to_container(cfg, resolve=True))
+                except ConfigError as error:
+                    raise SubmitError(f"run {run.name}: {error}") from None
+                except HydraException as error:
+                    raise SubmitError(f"run {run.name}: {error}".splitlines()[0]) from None
+    finally:
+        if previous is None:
+            os.environ.pop("SLURM_ARRAY_TASK_ID", None)
+        else:
+            os.environ["SLURM_ARRAY_TASK_ID"] = previous
+
+
 def _emit(
     template_file: str | Path,
     prefix: str,
@@ -464,6 +502,7 @@ def _emit(
 ) -> Path | None:
     template_dir = Path(template_file).resolve().parent
     generator = Path(template_file).resolve()
+    check_runs(runs)
     if args.dry_run:
         out_dir = (args.output_dir or template_dir) / f"{safe_name(prefix)}-<date>" / "out"
         lines = [sbatch_line(run, out_dir, time, sbatch_options=sbatch_options) for run in runs]

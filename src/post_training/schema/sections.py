@@ -100,7 +100,7 @@ class DataOptions(Section):
 
 SplitSpec = dict[str, Any]
 """A source (``{path, transform, ...}``) or a mixture (``{sources: [...]}``) spec; its keys are
-checked by :func:`post_training.data_sft.mixture.parse_spec` in the same validation pass."""
+checked by :func:`post_training.data_sft.mixing.parse_spec` in the same validation pass."""
 
 
 class Dataset(Section):
