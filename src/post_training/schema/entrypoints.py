@@ -171,6 +171,12 @@ class AlignmentStage(Setup):
     overwrite: bool = Field(description="replace partitions written with another config")
 
 
+class ChainedStage(AlignmentStage):
+    """A stage that reads the previous stage's output."""
+
+    input: str = Field(description="the previous stage's dir")
+
+
 class FilterOptions(Section):
     max_prompt_length: PositiveInt | None = Field(description="null: model.max_seq_length")
 
@@ -190,8 +196,7 @@ class Generation(Section):
     batch_size: PositiveInt = Field(description="prompts per generate call")
 
 
-class GenerateRefCompletions(AlignmentStage):
-    input: str = Field(description="the previous stage's dir")
+class GenerateRefCompletions(ChainedStage):
     generation: Generation
 
 
@@ -202,8 +207,7 @@ class RefLogprobs(Section):
     loss_chunk_size: NonNegativeInt = Field(description="LM-head rows at a time (0: full)")
 
 
-class ComputeRefLogprobs(AlignmentStage):
-    input: str = Field(description="the previous stage's dir")
+class ComputeRefLogprobs(ChainedStage):
     ref_logprobs: RefLogprobs
 
 
@@ -230,8 +234,7 @@ class Reward(Section):
         return self
 
 
-class ComputeRewards(AlignmentStage):
-    input: str = Field(description="the previous stage's dir")
+class ComputeRewards(ChainedStage):
     reward: Reward
 
 
