@@ -32,9 +32,12 @@ def compose_cfg(overrides: list[str], name: str = "train-sft"):
     "group,choice", [(g, c) for g in GROUPS for c in choices(g)], ids=lambda x: str(x)
 )
 def test_every_group_choice_composes_and_resolves(group: str, choice: str, tmp_path: Path) -> None:
-    cfg = compose_cfg([f"{group}={choice}", f"artifacts_dir={tmp_path}"])
+    preference = group == "trainer" and choice in ("dpo", "qrpo")
+    name = "train-preference" if preference else "train-sft"
+    cfg = compose_cfg([f"{group}={choice}", f"artifacts_dir={tmp_path}"], name)
     resolved = to_container(cfg)
-    assert resolved["entrypoint"] == "train_sft"
+    assert resolved["entrypoint"] == name.replace("-", "_")
+    check(resolved)  # and validates against the entrypoint's schema
     if group == "model":
         model = resolved["model"]
         assert model["trust_remote_code"] is False
