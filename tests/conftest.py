@@ -83,6 +83,24 @@ def run_dirs(artifacts: Path, job: str, entrypoint: str = "train_sft") -> list[P
     return sorted((job_dir(artifacts, job, entrypoint) / "runs").iterdir())
 
 
+def save_initial_model(directory: Path, overrides: Sequence[str] = ()) -> Path:
+    """The untrained start of a ``train_sft`` config (the seeded init of the tiny model), saved
+    as a checkpoint with its tokenizer: what training 0 steps would give (which the config now
+    refuses: ``training_args.max_steps`` must be ≥ 1)."""
+    from hydra import compose, initialize_config_dir
+
+    from post_training.modeling.loading import load_model, load_tokenizer
+    from post_training.utils.config import CONFIGS_DIR, to_container
+
+    with initialize_config_dir(str(CONFIGS_DIR), version_base=None):
+        config = to_container(compose("train-sft", overrides=list(overrides)))
+    tokenizer = load_tokenizer(config["model"])
+    model = load_model(config["model"], tokenizer, config["model_args"])
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture
 def artifacts(tmp_path: Path) -> Path:
     path = tmp_path / "artifacts"

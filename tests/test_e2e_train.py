@@ -17,7 +17,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from post_training.utils.signals import EXIT_CODE_STOPPED
 
-from .conftest import QUICK, REPO, job_dir, read_metrics, run_dirs, run_entrypoint, start_entrypoint
+from .conftest import (
+    QUICK,
+    REPO,
+    job_dir,
+    read_metrics,
+    run_dirs,
+    run_entrypoint,
+    save_initial_model,
+    start_entrypoint,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -46,13 +55,8 @@ def test_default_run_learns_and_evaluate_reports_accuracy(artifacts: Path) -> No
     (run_dir,) = run_dirs(artifacts, "default")
     (final,) = job_dir(artifacts, "default").rglob("final-model")
     trained = json.loads((final / "eval-tiny-tasks.json").read_text())
-    # Untrained baseline: the same init (0 steps), scored by the evaluate entrypoint.
-    run_entrypoint(
-        "train_sft",
-        [*QUICK, "job_subdir=untrained", "training_args.max_steps=0"],
-        artifacts,
-    )
-    (untrained_model,) = job_dir(artifacts, "untrained").rglob("final-model")
+    # Untrained baseline: the same init, scored by the evaluate entrypoint.
+    untrained_model = save_initial_model(artifacts / "untrained-model")
     run_entrypoint("evaluate", [f"model_path={untrained_model}"], artifacts)
     untrained = json.loads((untrained_model / "eval-tiny-tasks.json").read_text())
     print("trained", trained["accuracy"], trained["per_task"], "untrained", untrained["accuracy"])
@@ -297,10 +301,7 @@ def test_lora_trains_adapters_and_saves_adapter_and_merged_model(artifacts: Path
         next(job_dir(artifacts, "lora").rglob("final-model"))
     )
     # Base weights outside the LoRA targets are frozen; targeted linears moved by B·A.
-    run_entrypoint("train_sft", [*QUICK, "training_args.max_steps=0", "job_subdir=init"], artifacts)
-    init = AutoModelForCausalLM.from_pretrained(
-        next(job_dir(artifacts, "init").rglob("final-model"))
-    )
+    init = AutoModelForCausalLM.from_pretrained(save_initial_model(artifacts / "init-model"))
     init_params = dict(init.named_parameters())
     changed = {n for n, p in merged.named_parameters() if not torch.equal(p, init_params[n])}
     assert changed and all("proj" in n for n in changed), changed
