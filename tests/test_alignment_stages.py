@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from post_training.data_alignment.rewards import (
     register_reward,
     resolve_reward_function,
 )
+from post_training.data_alignment.stage import open_stage, stage_output
 from post_training.errors import ConfigError, DataError
 from post_training.modeling.loading import load_model
 from post_training.utils.config import asset_path
@@ -518,6 +520,78 @@ def test_stage_cli(artifacts: Path) -> None:
         check=False,
     )
     assert proc.returncode != 0 and "partitions [0] of 2 are missing" in proc.stderr
+
+
+# --- the stage frame (open_stage) ---------------------------------------------------------------
+
+
+def test_the_stage_frame_writes_on_a_clean_exit_only(tmp_path: Path) -> None:
+    config = {"output_dir": str(tmp_path / "out"), "partition": {"index": 0, "count": 1}}
+    settings, inputs = {"k": 1}, [{"path": "in.jsonl", "rows": 2}]
+    with pytest.raises(DataError, match="boom"), open_stage(config, "s", settings, inputs) as out:
+        assert not out.done
+        out.rows, out.report = [{"id": "a"}], {}
+        raise DataError("boom")
+    assert not list(tmp_path.iterdir())  # nothing written, not even a temporary directory
+    with (
+        pytest.raises(RuntimeError, match="without setting rows"),
+        open_stage(config, "s", settings, inputs),
+    ):
+        pass
+    assert not list(tmp_path.iterdir())
+
+    with open_stage(config, "s", settings, inputs) as out:
+        out.rows, out.report = [{"id": "a"}, {"id": "b"}], {"n": 2}
+    manifest = json.loads((out.path / "manifest.json").read_text())
+    assert manifest["config_hash"] == stage_output(config, "s", settings, inputs).config_hash
+    assert (manifest["rows"], manifest["report"]) == (2, {"n": 2})
+    assert (manifest["settings"], manifest["inputs"]) == (settings, inputs)
+    assert [r["id"] for r in rows_of(out.path)] == ["a", "b"]
+    mtime = (out.path / "rows.jsonl").stat().st_mtime_ns
+    with open_stage(config, "s", settings, inputs) as again:
+        assert again.done and again.path == out.path
+    assert (out.path / "rows.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_a_stage_skips_a_complete_partition_and_writes_from_the_main_process_only(
+    artifacts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from post_training.data_alignment import stage as frame
+
+    calls: list[str] = []
+
+    @register_reward("test_counted")
+    def counted(completion: str, row: dict) -> float:
+        calls.append(completion)
+        return float(len(completion))
+
+    args = (
+        f"input={_rows_file(tmp_path)}",
+        "reward.function=test_counted",
+        "output_dir=${alignment.dir}/counted",
+    )
+    try:
+        with monkeypatch.context() as patch:  # process 1 of 2: computes, writes nothing
+            rank1 = SimpleNamespace(is_main_process=False, num_processes=2, process_index=1)
+            patch.setattr(frame, "stage_accelerator", lambda: rank1)
+            path = stage("compute_rewards", artifacts, *args)
+        assert len(calls) == 12 and not path.exists()
+        assert not path.parent.exists() or not list(path.parent.iterdir())
+        calls.clear()
+        assert stage("compute_rewards", artifacts, *args) == path  # the main process writes
+        assert len(calls) == 12 and (path / "manifest.json").is_file()
+        calls.clear()
+        mtime = (path / "rows.jsonl").stat().st_mtime_ns
+        assert stage("compute_rewards", artifacts, *args) == path  # complete: skipped
+        assert not calls and (path / "rows.jsonl").stat().st_mtime_ns == mtime
+        # A write cut short (half the rows, no manifest) is redone, to the same bytes.
+        written = (path / "rows.jsonl").read_bytes()
+        (path / "manifest.json").unlink()
+        (path / "rows.jsonl").write_bytes(written[: len(written) // 2])
+        assert stage("compute_rewards", artifacts, *args) == path and len(calls) == 12
+        assert (path / "rows.jsonl").read_bytes() == written
+    finally:
+        REWARD_FUNCTIONS.pop("test_counted", None)
 
 
 @pytest.mark.e2e

@@ -16,8 +16,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator
 from omegaconf import DictConfig
 
 from post_training.data_alignment.partitions import read_stage
@@ -26,9 +24,8 @@ from post_training.data_alignment.stage import (
     chat_encoder,
     device,
     model_identity,
-    now,
+    open_stage,
     shard_map,
-    stage_output,
 )
 from post_training.data_preference.encode import encode_pairs
 from post_training.data_sft.tokenize import FilterReport
@@ -51,68 +48,64 @@ def run(cfg: DictConfig) -> Path:
         "data": config["data"],
         "ref_logprobs": options,
     }
-    output = stage_output(config, STAGE, settings, [source.source])
-    if output.is_complete():
-        log.info("%s: %s is complete; skipping", STAGE, output.path)
-        return output.path
-    started = now()
-    rows = [dict(r) for r in partition.select(source.rows)]
-    where = f"input {config['input']}"
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    tokenizer = load_tokenizer(config["model"])
-    encoder = chat_encoder(config, tokenizer)
-    model = load_model(config["model"], tokenizer).to(device()).eval()
-    batch_size = int(options["batch_size"])
-    chunk = int(options.get("loss_chunk_size") or 0)
+    with open_stage(config, STAGE, settings, [source.source]) as out:
+        if out.done:
+            return out.path
+        rows = [dict(r) for r in partition.select(source.rows)]
+        where = f"input {config['input']}"
+        tokenizer = load_tokenizer(config["model"])
+        encoder = chat_encoder(config, tokenizer)
+        model = load_model(config["model"], tokenizer).to(device()).eval()
+        batch_size = int(options["batch_size"])
+        chunk = int(options.get("loss_chunk_size") or 0)
+        with_completions = options["completions"]
 
-    def score(examples: list[dict]) -> list:
-        return list(summed_logps(model, examples, tokenizer.pad_token_id, batch_size, chunk))
+        def score(examples: list[dict]) -> list:
+            return list(summed_logps(model, examples, tokenizer.pad_token_id, batch_size, chunk))
 
-    report: dict = {"tokenizer": tokenizer_fingerprint(tokenizer)}
-    paired = [r for r in rows if r.get("chosen") and r.get("rejected")]
-    if paired:
-        limit = options.get("max_prompt_length") or encoder.options.max_seq_length - 1
-        pair_report = FilterReport()
-        pairs = encode_pairs(paired, encoder, where, int(limit), pair_report)
-        for pair, (c, r) in zip(pairs, shard_map(pairs, score, accelerator), strict=True):
-            row = paired[int(pair["row_index"])]
-            row["ref_chosen_logps"], row["ref_rejected_logps"] = float(c), float(r)
-        report["pairs"] = {"scored": len(pairs), "filter": pair_report.as_dict()}
-    singles = [  # (row, slot, text): the reference answer and each reference completion
-        (row, slot, text)
-        for row in rows
-        for slot, text in (
-            ([("answer", str(row["answer"]))] if row.get("answer") is not None else [])
-            + (list(enumerate(row.get("ref_completions") or [])) if options["completions"] else [])
-        )
-    ]
-    if singles:
-        conversations = [
-            ([*row["prompt"], {"role": "assistant", "content": text}], len(row["prompt"]))
-            for row, _, text in singles
+        report: dict = {"tokenizer": tokenizer_fingerprint(tokenizer)}
+        paired = [r for r in rows if r.get("chosen") and r.get("rejected")]
+        if paired:
+            limit = options.get("max_prompt_length") or encoder.options.max_seq_length - 1
+            pair_report = FilterReport()
+            pairs = encode_pairs(paired, encoder, where, int(limit), pair_report)
+            for pair, (c, r) in zip(pairs, shard_map(pairs, score, out.accelerator), strict=True):
+                row = paired[int(pair["row_index"])]
+                row["ref_chosen_logps"], row["ref_rejected_logps"] = float(c), float(r)
+            report["pairs"] = {"scored": len(pairs), "filter": pair_report.as_dict()}
+        singles = [  # (row, slot, text): the reference answer and each reference completion
+            (row, slot, text)
+            for row in rows
+            for slot, text in (
+                ([("answer", str(row["answer"]))] if row.get("answer") is not None else [])
+                + (list(enumerate(row.get("ref_completions") or [])) if with_completions else [])
+            )
         ]
-        single_report = FilterReport()
-        examples, kept = encoder.encode(conversations, where, single_report)
-        values = dict(zip(kept, shard_map(examples, score, accelerator), strict=True))
-        for row in rows:
-            if row.get("ref_completions") and options["completions"]:
-                row["ref_completions_logps"] = [None] * len(row["ref_completions"])
-        for i, (row, slot, _) in enumerate(singles):
-            value = float(values[i]) if i in values else None
-            if slot == "answer":
-                row["ref_answer_logps"] = value
-            else:
-                row["ref_completions_logps"][slot] = value
-        report["completions"] = {"scored": len(kept), "filter": single_report.as_dict()}
-    if not paired and not singles:
-        raise DataError(
-            f"{where}: nothing to score: no row has chosen + rejected, an answer or ref_completions"
-        )
-    if not accelerator.is_main_process:
-        return output.path
-    return output.write(
-        rows, settings=settings, inputs=[source.source], report=report, started=started
-    )
+        if singles:
+            conversations = [
+                ([*row["prompt"], {"role": "assistant", "content": text}], len(row["prompt"]))
+                for row, _, text in singles
+            ]
+            single_report = FilterReport()
+            examples, kept = encoder.encode(conversations, where, single_report)
+            values = dict(zip(kept, shard_map(examples, score, out.accelerator), strict=True))
+            for row in rows:
+                if row.get("ref_completions") and with_completions:
+                    row["ref_completions_logps"] = [None] * len(row["ref_completions"])
+            for i, (row, slot, _) in enumerate(singles):
+                value = float(values[i]) if i in values else None
+                if slot == "answer":
+                    row["ref_answer_logps"] = value
+                else:
+                    row["ref_completions_logps"][slot] = value
+            report["completions"] = {"scored": len(kept), "filter": single_report.as_dict()}
+        if not paired and not singles:
+            raise DataError(
+                f"{where}: nothing to score: no row has chosen + rejected, an answer or "
+                "ref_completions"
+            )
+        out.rows, out.report = rows, report
+    return out.path
 
 
 main = entrypoint("compute-ref-logprobs")(run)

@@ -17,13 +17,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-from accelerate import Accelerator
 from omegaconf import DictConfig
 
 from post_training.data_alignment.partitions import read_stage
 from post_training.data_alignment.rewards import RewardModel, resolve_reward_function
-from post_training.data_alignment.stage import begin, device, finite, now, shard_map, stage_output
+from post_training.data_alignment.stage import begin, device, finite, open_stage, shard_map
 from post_training.errors import ConfigError, DataError
 from post_training.frame import entrypoint
 
@@ -64,62 +62,62 @@ def run(cfg: DictConfig) -> Path:
     )
     source = read_stage(config["input"], "input")
     settings = {"reward": options}
-    output = stage_output(config, STAGE, settings, [source.source])
-    if output.is_complete():
-        log.info("%s: %s is complete; skipping", STAGE, output.path)
-        return output.path
-    started = now()
-    rows = partition.select(source.rows)
-    slots = [(i, slot, text) for i, row in enumerate(rows) for slot, text in completions_of(row)]
-    if not slots:
-        raise DataError(
-            f"input {config['input']}: no completion to score (no chosen / rejected and no "
-            "ref_completions): run generate_ref_completions first"
-        )
-    counts = {len(r.get("ref_completions") or []) for r in rows if "ref_completions" in r}
-    if len(counts) > 1 or (counts and any("ref_completions" not in r for r in rows)):
-        missing = next((r["id"] for r in rows if not r.get("ref_completions")), None)
-        raise DataError(
-            f"input {config['input']}: reference completions are missing or uneven (counts "
-            f"{sorted(counts)}; first row without any: {missing!r})"
-        )
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if function is not None:
-        scores = []
-        for i, _, text in slots:
-            try:
-                scores.append(float(function(text, rows[i])))
-            except DataError as err:
-                raise DataError(f"input {config['input']}: row {rows[i]['id']!r}: {err}") from None
-    else:
-        model = RewardModel(options["model"], device())
-        scores = shard_map(
-            slots,
-            lambda part: model.score(
-                [rows[i]["prompt"] for i, _, _ in part], [t for _, _, t in part]
-            ),
-            accelerator,
-        )
-    out = [{k: v for k, v in row.items() if k != "ref_rewards"} for row in rows]  # re-scored
-    for (i, slot, _), score in zip(slots, scores, strict=True):
-        value = finite(score, f"input {config['input']}: row {rows[i]['id']!r}: reward of {slot}")
-        if slot.startswith("ref_"):
-            out[i].setdefault("ref_rewards", []).append(value)
+    with open_stage(config, STAGE, settings, [source.source]) as out:
+        if out.done:
+            return out.path
+        rows = partition.select(source.rows)
+        slots = [
+            (i, slot, text) for i, row in enumerate(rows) for slot, text in completions_of(row)
+        ]
+        if not slots:
+            raise DataError(
+                f"input {config['input']}: no completion to score (no chosen / rejected and no "
+                "ref_completions): run generate_ref_completions first"
+            )
+        counts = {len(r.get("ref_completions") or []) for r in rows if "ref_completions" in r}
+        if len(counts) > 1 or (counts and any("ref_completions" not in r for r in rows)):
+            missing = next((r["id"] for r in rows if not r.get("ref_completions")), None)
+            raise DataError(
+                f"input {config['input']}: reference completions are missing or uneven (counts "
+                f"{sorted(counts)}; first row without any: {missing!r})"
+            )
+        if function is not None:
+            scores = []
+            for i, _, text in slots:
+                try:
+                    scores.append(float(function(text, rows[i])))
+                except DataError as err:
+                    where = f"input {config['input']}: row {rows[i]['id']!r}"
+                    raise DataError(f"{where}: {err}") from None
         else:
-            out[i][f"{slot}_reward"] = value
-    values = [float(s) for s in scores]
-    report = {
-        "scored": len(values),
-        "mean": sum(values) / len(values),
-        "min": min(values),
-        "max": max(values),
-        "source": options.get("function") or options["model"]["model_name_or_path"],
-    }
-    if not accelerator.is_main_process:
-        return output.path
-    return output.write(
-        out, settings=settings, inputs=[source.source], report=report, started=started
-    )
+            model = RewardModel(options["model"], device())
+            scores = shard_map(
+                slots,
+                lambda part: model.score(
+                    [rows[i]["prompt"] for i, _, _ in part], [t for _, _, t in part]
+                ),
+                out.accelerator,
+            )
+        # ref_rewards of an earlier run are dropped: re-scored below.
+        rescored = [{k: v for k, v in row.items() if k != "ref_rewards"} for row in rows]
+        for (i, slot, _), score in zip(slots, scores, strict=True):
+            value = finite(
+                score, f"input {config['input']}: row {rows[i]['id']!r}: reward of {slot}"
+            )
+            if slot.startswith("ref_"):
+                rescored[i].setdefault("ref_rewards", []).append(value)
+            else:
+                rescored[i][f"{slot}_reward"] = value
+        values = [float(s) for s in scores]
+        report = {
+            "scored": len(values),
+            "mean": sum(values) / len(values),
+            "min": min(values),
+            "max": max(values),
+            "source": options.get("function") or options["model"]["model_name_or_path"],
+        }
+        out.rows, out.report = rescored, report
+    return out.path
 
 
 main = entrypoint("compute-rewards")(run)

@@ -29,9 +29,8 @@ from post_training.data_alignment.stage import (
     chat_encoder,
     check_user_turn,
     model_identity,
-    now,
+    open_stage,
     prompt_ids,
-    stage_output,
 )
 from post_training.data_preference.pairs import load_preference_rows
 from post_training.data_preference.transforms import PREFERENCE_TRANSFORMS
@@ -141,27 +140,28 @@ def run(cfg: DictConfig) -> Path:
             "fingerprints": spec_fingerprints(_split_spec(config["dataset"], split)),
         }
     ]
-    output = stage_output(config, STAGE, settings, inputs)
-    if output.is_complete():
-        log.info("%s: %s is complete; skipping", STAGE, output.path)
-        return output.path
-    started = now()
-    rows = read_rows(config["dataset"], split)
-    check_user_turn(rows, f"dataset {config['dataset'].get('name')} ({split})")
-    tokenizer = load_tokenizer(config["model"])
-    encoder = chat_encoder(config, tokenizer, truncation="drop")
-    max_new = int(config["alignment"]["max_new_tokens"])
-    limit = options.get("max_prompt_length") or encoder.options.max_seq_length
-    mine = partition.select(rows)
-    kept, report = filter_rows(mine, encoder, int(limit), max_new)
-    if not kept:
-        raise ConfigError(
-            f"{STAGE}: no row of partition {partition.name} fits the model "
-            f"(max_seq_length {encoder.options.max_seq_length}, max_new_tokens {max_new}): "
-            f"{report['dropped']}"
+    with open_stage(config, STAGE, settings, inputs) as out:
+        if out.done:
+            return out.path
+        rows = read_rows(config["dataset"], split)
+        check_user_turn(rows, f"dataset {config['dataset'].get('name')} ({split})")
+        tokenizer = load_tokenizer(config["model"])
+        encoder = chat_encoder(config, tokenizer, truncation="drop")
+        max_new = int(config["alignment"]["max_new_tokens"])
+        limit = options.get("max_prompt_length") or encoder.options.max_seq_length
+        mine = partition.select(rows)
+        kept, report = filter_rows(mine, encoder, int(limit), max_new)
+        if not kept:
+            raise ConfigError(
+                f"{STAGE}: no row of partition {partition.name} fits the model "
+                f"(max_seq_length {encoder.options.max_seq_length}, max_new_tokens {max_new}): "
+                f"{report['dropped']}"
+            )
+        log.info(
+            "%s: kept %d of %d rows; dropped %s", STAGE, len(kept), len(mine), report["dropped"]
         )
-    log.info("%s: kept %d of %d rows; dropped %s", STAGE, len(kept), len(mine), report["dropped"])
-    return output.write(kept, settings=settings, inputs=inputs, report=report, started=started)
+        out.rows, out.report = kept, report
+    return out.path
 
 
 main = entrypoint("filter-dataset-for-model")(run)

@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator
 from omegaconf import DictConfig
 
 from post_training.data_alignment.generation import (
@@ -32,10 +30,9 @@ from post_training.data_alignment.stage import (
     check_user_turn,
     device,
     model_identity,
-    now,
+    open_stage,
     prompt_ids,
     shard_map,
-    stage_output,
 )
 from post_training.frame import entrypoint
 from post_training.modeling.loading import load_model, load_tokenizer, stop_token_ids
@@ -54,63 +51,55 @@ def run(cfg: DictConfig) -> Path:
         "data": config["data"],
         "generation": config["generation"],
     }
-    output = stage_output(config, STAGE, settings, [source.source])
-    if output.is_complete():
-        log.info("%s: %s is complete; skipping", STAGE, output.path)
-        return output.path
-    started = now()
-    rows = partition.select(source.rows)
-    check_user_turn(rows, f"input {config['input']}")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    tokenizer = load_tokenizer(config["model"])
-    encoder = chat_encoder(config, tokenizer)
-    prompts = prompt_ids(encoder, [r["prompt"] for r in rows])
-    stops = stop_token_ids(config["model"], tokenizer)
-    ids = [str(r["id"]) for r in rows]
-    if backend == "vllm":
-        completions = generate_vllm(config["model"], prompts, ids, options, stops)
-    else:
-        model = load_model(config["model"], tokenizer).to(device())
-        items = list(zip(prompts, ids, strict=True))
-        completions = shard_map(
-            items,
-            lambda part: generate_hf(
-                model, tokenizer, [p for p, _ in part], [i for _, i in part], options, stops
-            ),
-            accelerator,
-        )
-    out = []
-    for row, samples in zip(rows, completions, strict=True):
-        out.append(
+    with open_stage(config, STAGE, settings, [source.source]) as out:
+        if out.done:
+            return out.path
+        rows = partition.select(source.rows)
+        check_user_turn(rows, f"input {config['input']}")
+        tokenizer = load_tokenizer(config["model"])
+        encoder = chat_encoder(config, tokenizer)
+        prompts = prompt_ids(encoder, [r["prompt"] for r in rows])
+        stops = stop_token_ids(config["model"], tokenizer)
+        ids = [str(r["id"]) for r in rows]
+        if backend == "vllm":
+            completions = generate_vllm(config["model"], prompts, ids, options, stops)
+        else:
+            model = load_model(config["model"], tokenizer).to(device())
+            items = list(zip(prompts, ids, strict=True))
+            completions = shard_map(
+                items,
+                lambda part: generate_hf(
+                    model, tokenizer, [p for p, _ in part], [i for _, i in part], options, stops
+                ),
+                out.accelerator,
+            )
+        out.rows = [
             {
                 **row,
                 "ref_completions": [c.text for c in samples],
                 "ref_completions_num_tokens": [c.num_tokens for c in samples],
                 "ref_completions_truncated": [c.truncated for c in samples],
             }
-        )
-    flat = [c for samples in completions for c in samples]
-    report = {
-        "backend": backend,
-        "prompts": len(rows),
-        "completions": len(flat),
-        "truncated_fraction": sum(c.truncated for c in flat) / max(len(flat), 1),
-        "mean_tokens": sum(c.num_tokens for c in flat) / max(len(flat), 1),
-        "empty": sum(not c.text.strip() for c in flat),
-    }
-    if report["truncated_fraction"] > 0.1:
-        log.warning(
-            "%s: %.0f%% of the completions hit generation.max_new_tokens=%d without a stop "
-            "token; raise it (alignment.max_new_tokens) if they are cut short",
-            STAGE,
-            100 * report["truncated_fraction"],
-            options.max_new_tokens,
-        )
-    if not accelerator.is_main_process:
-        return output.path
-    return output.write(
-        out, settings=settings, inputs=[source.source], report=report, started=started
-    )
+            for row, samples in zip(rows, completions, strict=True)
+        ]
+        flat = [c for samples in completions for c in samples]
+        out.report = {
+            "backend": backend,
+            "prompts": len(rows),
+            "completions": len(flat),
+            "truncated_fraction": sum(c.truncated for c in flat) / max(len(flat), 1),
+            "mean_tokens": sum(c.num_tokens for c in flat) / max(len(flat), 1),
+            "empty": sum(not c.text.strip() for c in flat),
+        }
+        if out.report["truncated_fraction"] > 0.1:
+            log.warning(
+                "%s: %.0f%% of the completions hit generation.max_new_tokens=%d without a stop "
+                "token; raise it (alignment.max_new_tokens) if they are cut short",
+                STAGE,
+                100 * out.report["truncated_fraction"],
+                options.max_new_tokens,
+            )
+    return out.path
 
 
 main = entrypoint("generate-ref-completions")(run)

@@ -31,7 +31,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from post_training.data_alignment.partitions import read_stage
-from post_training.data_alignment.stage import begin, now, stage_output
+from post_training.data_alignment.stage import begin, open_stage
 from post_training.data_preference.pairs import validate_pair
 from post_training.data_sft.mixing import plan_counts, sample_indices, source_rng
 from post_training.errors import ConfigError, DataError
@@ -191,56 +191,52 @@ def run(cfg: DictConfig) -> Path:
     ]
     settings = {"prepare": {k: v for k, v in options.items() if k != "inputs"}}
     settings["inputs"] = [{k: v for k, v in s.items() if k != "path"} for s in inputs]
-    output = stage_output(config, STAGE, settings, [s.source for s in sources])
-    if output.is_complete():
-        log.info("%s: %s is complete; skipping", STAGE, output.path)
-        return output.path
-    started = now()
-    per_input, report = [], {}
-    for spec, source in zip(inputs, sources, strict=True):
-        pairs, dropped = build_pairs(
-            source.rows,
-            spec["name"],
-            kinds,
-            float(options["min_reward_margin"]),
-            f"input {spec['path']}",
-        )
-        if options.get("require_ref_logps"):
-            missing = next((p["id"] for p in pairs if "ref_chosen_logps" not in p), None)
-            if missing is not None:
-                raise DataError(
-                    f"input {spec['path']}: pair {missing!r} has no reference log-probs "
-                    "(prepare.require_ref_logps=true): run compute_ref_logprobs before"
-                )
-        per_input.append(pairs)
-        report[spec["name"]] = {
-            "rows": len(source.rows),
-            "pairs": len(pairs),
-            "dropped": dict(dropped),
-        }
-    counts = plan_counts(
-        inputs, [len(p) for p in per_input], options.get("total"), "prepare.inputs"
-    )
-    seed = int(options["seed"])
-    mixed: list[dict[str, Any]] = []
-    for spec, pairs, k in zip(inputs, per_input, counts, strict=True):
-        if k > len(pairs):
-            raise DataError(
-                f"prepare.inputs '{spec['name']}': {k} pairs requested, it has {len(pairs)}"
+    with open_stage(config, STAGE, settings, [s.source for s in sources]) as out:
+        if out.done:
+            return out.path
+        per_input, report = [], {}
+        for spec, source in zip(inputs, sources, strict=True):
+            pairs, dropped = build_pairs(
+                source.rows,
+                spec["name"],
+                kinds,
+                float(options["min_reward_margin"]),
+                f"input {spec['path']}",
             )
-        if k:
-            picked = sample_indices(len(pairs), k, source_rng(seed, spec["name"]))
-            mixed += [pairs[i] for i in picked]
-        report[spec["name"]]["selected"] = k
-    if options.get("shuffle", True):
-        order = source_rng(seed, "\0shuffle").permutation(len(mixed))
-        mixed = [mixed[i] for i in np.asarray(order)]
-    if not mixed:
-        raise DataError(f"{STAGE}: no pair was built ({report})")
-    rows = partition.select(mixed)
-    return output.write(
-        rows, settings=settings, inputs=[s.source for s in sources], report=report, started=started
-    )
+            if options.get("require_ref_logps"):
+                missing = next((p["id"] for p in pairs if "ref_chosen_logps" not in p), None)
+                if missing is not None:
+                    raise DataError(
+                        f"input {spec['path']}: pair {missing!r} has no reference log-probs "
+                        "(prepare.require_ref_logps=true): run compute_ref_logprobs before"
+                    )
+            per_input.append(pairs)
+            report[spec["name"]] = {
+                "rows": len(source.rows),
+                "pairs": len(pairs),
+                "dropped": dict(dropped),
+            }
+        counts = plan_counts(
+            inputs, [len(p) for p in per_input], options.get("total"), "prepare.inputs"
+        )
+        seed = int(options["seed"])
+        mixed: list[dict[str, Any]] = []
+        for spec, pairs, k in zip(inputs, per_input, counts, strict=True):
+            if k > len(pairs):
+                raise DataError(
+                    f"prepare.inputs '{spec['name']}': {k} pairs requested, it has {len(pairs)}"
+                )
+            if k:
+                picked = sample_indices(len(pairs), k, source_rng(seed, spec["name"]))
+                mixed += [pairs[i] for i in picked]
+            report[spec["name"]]["selected"] = k
+        if options.get("shuffle", True):
+            order = source_rng(seed, "\0shuffle").permutation(len(mixed))
+            mixed = [mixed[i] for i in np.asarray(order)]
+        if not mixed:
+            raise DataError(f"{STAGE}: no pair was built ({report})")
+        out.rows, out.report = partition.select(mixed), report
+    return out.path
 
 
 main = entrypoint("prepare-train-dataset")(run)

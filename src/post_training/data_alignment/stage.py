@@ -1,14 +1,24 @@
-"""What every alignment data stage shares: the config frame, the chat encoder, the partition run.
+"""What every alignment data stage shares: the config frame, the stage frame, the chat encoder.
 
 A stage's ``run(cfg)`` reads top to bottom::
 
-    config, partition = begin(cfg)
+    config, partition = begin(cfg)                         # config errors before any work
     source = read_stage(config["input"])                   # all input rows + their identity
-    output = stage_output(config, STAGE, settings, [source.source])
-    if output.is_complete(): return output.path            # a re-run skips a finished partition
-    rows = partition.select(source.rows)
-    ... compute ...
-    return output.write(rows, ...)
+    settings = {...}                                       # what determines the output rows
+    with open_stage(config, STAGE, settings, [source.source]) as out:
+        if out.done:                                       # a re-run skips a finished partition
+            return out.path
+        rows = partition.select(source.rows)
+        ... compute (shard_map(items, fn, out.accelerator) for the heavy part) ...
+        out.rows, out.report = rows, report
+    return out.path                                        # written on leaving the block
+
+:func:`open_stage` is the one place for what used to be repeated in every stage: the partition's
+hash (settings, inputs' identity, partition count), the skip of a complete partition (logged
+once, there), the start time, the accelerator (made once the skip is decided, before any model is
+placed), and the write on a clean exit: the partition and its manifest atomically, from the main
+process only (the other processes of an ``accelerate launch`` compute their shards and write
+nothing). If the block raises, nothing is written.
 
 Rows carry a stable ``id`` from the first stage on, so that partitions can be merged and checked.
 Heavy work inside a partition is split over the launched processes (``accelerate launch``):
@@ -20,7 +30,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -55,8 +68,6 @@ def stage_output(
     """The partition this run writes, keyed by a hash of what determines its rows: the stage's
     settings, the identity of its inputs and the partition count (not the index: all
     partitions of one run share the hash)."""
-    from pathlib import Path
-
     partition = partition_from_config(config)
     identity = [{k: v for k, v in i.items() if k != "path"} for i in inputs]
     digest = config_hash(
@@ -85,8 +96,56 @@ def model_identity(model_cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: model_cfg.get(k) for k in keys}
 
 
-def now() -> float:
-    return time.time()
+def stage_accelerator() -> Any:
+    """The accelerator of a stage run: one process, or several under ``accelerate launch`` (CPU
+    processes on gloo when there is no GPU)."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+@dataclass
+class OpenStage:
+    """The partition a stage run writes (see :func:`open_stage`): ``done`` when it is complete
+    already; else the stage sets ``rows`` and ``report``, written on leaving the block."""
+
+    output: StageOutput
+    done: bool
+    accelerator: Any = None
+    started: float = 0.0
+    rows: Sequence[Mapping[str, Any]] | None = None
+    report: Mapping[str, Any] | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.output.path
+
+
+@contextmanager
+def open_stage(
+    config: Mapping[str, Any],
+    stage: str,
+    settings: Mapping[str, Any],
+    inputs: Sequence[Mapping[str, Any]],
+) -> Iterator[OpenStage]:
+    """The frame of one stage run (see the module docstring): refuses partitions of another
+    config, skips a complete one (``out.done``: the caller returns ``out.path``), else records the
+    start, makes the accelerator, and on a clean exit writes ``out.rows`` with the manifest
+    (``settings``, ``inputs``, ``out.report``) from the main process only."""
+    output = stage_output(config, stage, settings, inputs)
+    if output.is_complete():
+        log.info("%s: %s is complete; skipping", stage, output.path)
+        yield OpenStage(output, done=True)
+        return
+    out = OpenStage(output, done=False, started=time.time())
+    out.accelerator = stage_accelerator()
+    yield out  # an exception in the block propagates from here: nothing is written
+    if out.rows is None or out.report is None:
+        raise RuntimeError(f"{stage}: the stage left its block without setting rows and report")
+    if out.accelerator.is_main_process:
+        output.write(
+            out.rows, settings=settings, inputs=inputs, report=out.report, started=out.started
+        )
 
 
 def chat_encoder(config: Mapping[str, Any], tokenizer: Any, **overrides: Any) -> ChatEncoder:
