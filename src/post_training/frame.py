@@ -59,14 +59,18 @@ def report_project_errors(run: Callable[[DictConfig], int | None], cfg: DictConf
     return code if isinstance(code, int) else 0  # some entrypoints return what they wrote
 
 
-def entrypoint(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], None]]:
+def entrypoint(
+    config_name: str, validated_by_run: bool = False
+) -> Callable[[Callable[[DictConfig], Any]], Callable[[], None]]:
     """``@hydra.main`` for ``configs/<config_name>.yaml`` around ``run(cfg) -> exit code``:
-    struct mode, the schema checked before ``run`` starts, project errors as one line."""
+    struct mode, the schema checked before ``run`` starts (``validated_by_run``: ``run``
+    validates first thing itself, through :func:`begin`), project errors as one line."""
     import hydra
 
     def wrap(run: Callable[[DictConfig], Any]) -> Callable[[], None]:
         def checked(cfg: DictConfig) -> Any:
-            validate(cfg)
+            if not validated_by_run:
+                validate(cfg)
             return run(cfg)
 
         # Absolute config dir; the job (and its log file) is named by `hydra.job.name:
@@ -104,12 +108,13 @@ def validate(cfg: DictConfig) -> Any:
 
     apply_debug(cfg)
     typed = check(to_container(cfg))
-    for section in (getattr(typed, "dataset", None), getattr(typed, "evaluation", None)):
-        if section is not None and hasattr(section, "train"):
-            check_dataset_config(section.model_dump(), "dataset")
-    evaluation_dataset = getattr(getattr(typed, "evaluation", None), "dataset", None)
-    if evaluation_dataset is not None:
-        check_dataset_config(evaluation_dataset.model_dump(), "evaluation.dataset")
+    datasets = {
+        "dataset": getattr(typed, "dataset", None),
+        "evaluation.dataset": getattr(getattr(typed, "evaluation", None), "dataset", None),
+    }
+    for where, dataset in datasets.items():
+        if dataset is not None:
+            check_dataset_config(dataset.model_dump(), where)
     return typed
 
 

@@ -52,7 +52,7 @@ def run(cfg: DictConfig) -> int:
     )
 
 
-main = entrypoint("train-preference")(run)
+main = entrypoint("train-preference", validated_by_run=True)(run)
 
 if __name__ == "__main__":
     main()

@@ -40,7 +40,7 @@ def run(cfg: DictConfig) -> int:
     )
 
 
-main = entrypoint("train-sft")(run)
+main = entrypoint("train-sft", validated_by_run=True)(run)
 
 if __name__ == "__main__":
     main()
