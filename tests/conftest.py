@@ -43,6 +43,7 @@ SLOW_FILES = (
 )
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of xdist's: ignored under ``-p no:xdist``
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: one worker per core, at most 4 (beyond that the longest file bounds the wall
     time, and each worker holds its own imports); ``PYTEST_XDIST_AUTO_NUM_WORKERS`` overrides."""
