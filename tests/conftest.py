@@ -37,13 +37,15 @@ SLOW_FILES = (
     "test_slurm.py",
     "test_e2e_train.py",
     "test_config_errors.py",
+    "test_real_families_train.py",
     "test_e2e_preference.py",
+    "test_presets.py",
     "test_benchmark_run.py",
     "test_model_merging.py",
 )
 
 
-@pytest.hookimpl(optionalhook=True)  # a hook of xdist's: ignored under ``-p no:xdist``
+@pytest.hookimpl(optionalhook=True)  # a hook of xdist's (serial runs: ``-n 0``)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: one worker per core, at most 4 (beyond that the longest file bounds the wall
     time, and each worker holds its own imports); ``PYTEST_XDIST_AUTO_NUM_WORKERS`` overrides."""

@@ -15,7 +15,10 @@ pytestmark = pytest.mark.e2e
 
 def test_default_run_learns_and_evaluate_reports_accuracy(artifacts: Path) -> None:
     """The README's main job: no overrides but where artifacts go and wandb offline."""
-    run_entrypoint("train_sft", ["wandb.mode=offline", "job_subdir=default"], artifacts)
+    # 2,500 steps: ~9 min alone on 2 cores, ~11 min on one xdist worker's core; the limit only
+    # catches a hang (a loaded machine has taken 0.85 s/step).
+    args = ["wandb.mode=offline", "job_subdir=default"]
+    run_entrypoint("train_sft", args, artifacts, timeout=3600)
     (run_dir,) = run_dirs(artifacts, "default")
     (final,) = job_dir(artifacts, "default").rglob("final-model")
     trained = json.loads((final / "eval-tiny-tasks.json").read_text())

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from post_training.data_preference.encode import encode_pairs
-from post_training.data_preference.pairs import load_preference_rows
+from post_training.data_preference.encode import PairReport, encode_pairs
+from post_training.data_preference.pairs import load_preference_pairs, load_preference_rows
 from post_training.data_preference.transforms import preference, tiny_task_pairs
 from post_training.data_sft.collate import pad_collate
 from post_training.data_sft.tokenize import ChatEncoder, TokenizeOptions, tokenize_chat
@@ -69,19 +69,18 @@ def test_tiny_task_pairs_are_wrong_deterministically() -> None:
 @pytest.mark.parametrize(
     "row,message",
     [
-        ({"prompt": "q", "rejected": "b"}, "row 1: missing field 'chosen'"),
-        ({"prompt": "q", "chosen": "  ", "rejected": "b"}, "row 1: field 'chosen' is an empty"),
+        ({"prompt": "q", "rejected": "b"}, "pairs.jsonl:2: field 'chosen': missing field"),
         (
             {"prompt": "q", "chosen": "a", "rejected": "b", "ref_rewards": [0.1]},
-            "row 1: field 'ref_rewards' has 1 values, expected 2",
+            "pairs.jsonl:2: field 'ref_rewards' has 1 values, expected 2",
         ),
         (
             {"prompt": "q", "chosen": "a", "rejected": "b", "chosen_reward": math.nan},
-            "row 1: field 'chosen_reward' is nan",
+            "pairs.jsonl:2: field 'chosen_reward' is nan",
         ),
         (
             {"prompt": "q", "chosen": "a", "rejected": "b", "ref_rewards": [0.0, math.inf]},
-            "row 1: field 'ref_rewards' is inf",
+            "pairs.jsonl:2: field 'ref_rewards' is inf",
         ),
     ],
 )
@@ -91,6 +90,17 @@ def test_bad_pairs_name_file_row_and_field(tmp_path: Path, row: dict, message: s
     with pytest.raises(DataError) as err:
         load_preference_rows({"path": path}, "dataset.train")
     assert "pairs.jsonl" in str(err.value) and message in str(err.value)
+
+
+def test_pairs_with_an_empty_reply_are_dropped_and_counted(tmp_path: Path) -> None:
+    good = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    rows = [good, {**good, "chosen": "  "}, {**good, "rejected": ""}, {**good, "chosen": "c"}]
+    source = load_preference_pairs({"path": _write(tmp_path, rows)}, "dataset.train")
+    assert source.dropped == {"empty_chosen": 1, "empty_rejected": 1}
+    assert [p["chosen"][0]["content"] for p in source.pairs] == ["a", "c"]
+    assert source.locate(1).endswith("pairs.jsonl:4")  # errors still name the row's own line
+    with pytest.raises(DataError, match=r"no preference pairs \(dropped: \{'empty_chosen': 1\}\)"):
+        load_preference_pairs({"path": _write(tmp_path, [{**good, "chosen": ""}])}, "dataset.train")
 
 
 def test_quantile_rewards_from_reference_rewards(tmp_path: Path) -> None:
@@ -107,13 +117,21 @@ def test_quantile_rewards_from_reference_rewards(tmp_path: Path) -> None:
     assert pair["rejected_quantile_reward"] == 0.5
 
 
-def test_prompt_longer_than_the_limit_is_an_error(tokenizer) -> None:
-    encoder = ChatEncoder(tokenizer, None, TokenizeOptions(64))
+def test_prompt_longer_than_the_limit_is_dropped_or_truncated(tokenizer) -> None:
     rows = [preference({"prompt": "x" * n, "chosen": "a", "rejected": "b"}) for n in (3, 40)]
-    with pytest.raises(
-        DataError, match=r"row 1: the prompt has \d+ tokens, more than the limit 20"
-    ):
-        encode_pairs(rows, encoder, "pairs", max_prompt_length=20)
+    report = PairReport()
+    encoder = ChatEncoder(tokenizer, None, TokenizeOptions(64))  # data.truncation=drop
+    (kept,) = encode_pairs(rows, encoder, "pairs", max_prompt_length=20, report=report)
+    assert kept["row_index"] == 0 and dict(report.dropped) == {"prompt_too_long": 1}
+    report = PairReport()
+    encoder = ChatEncoder(tokenizer, None, TokenizeOptions(64, truncation="truncate"))
+    _, cut = encode_pairs(rows, encoder, "pairs", max_prompt_length=20, report=report)
+    n = int((cut["position_ids"] == 0).nonzero()[0][1])
+    assert (
+        tokenizer.decode(cut["input_ids"][:n])
+        == "<|bos|>" + "x" * 17 + "<|end|><|assistant|>a<|end|>"
+    )
+    assert dict(report.truncated_by) == {"prompt_too_long": 1}
 
 
 def test_one_forward_per_pair_equals_two_separate_forwards(tokenizer) -> None:

@@ -221,7 +221,7 @@ def test_filters_count_each_reason(tiny_tokenizer) -> None:
     report = FilterReport()
     drop.encode(rows[:2], "mem", report)
     assert dict(report.dropped) == {"non_alternating_roles": 1}
-    with pytest.raises(DataError, match=r"mem: row 1: messages\[0\] and messages\[1\]"):
+    with pytest.raises(DataError, match=r"mem: row 2: messages\[0\] and messages\[1\]"):
         ChatEncoder(tiny_tokenizer, None, TokenizeOptions(40, role_fix="error")).encode(
             rows[:2], "mem"
         )
@@ -249,6 +249,6 @@ def test_tokenizer_template_that_is_not_prefix_stable_is_refused(tiny_tokenizer)
         "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
     )
     with pytest.raises(
-        DataError, match="row 0: the tokenizer's chat template is not prefix-stable"
+        DataError, match="row 1: the tokenizer's chat template is not prefix-stable"
     ):
         ChatEncoder(tokenizer, None, TokenizeOptions(100)).encode([CHATS[1]], "mem")

@@ -85,6 +85,29 @@ def test_alpaca_with_and_without_input_and_system_prompt() -> None:
     assert run("alpaca", with_input, system_prompt="You translate.")[0] == system("You translate.")
 
 
+def test_alpaca_recognises_dolly_columns_on_real_rows() -> None:
+    """databricks-dolly-15k (tests/fixtures/data/dolly_15k_first4.jsonl): instruction + context
+    (when non-empty) -> user, response -> assistant; explicit fields still win."""
+    path = Path(__file__).parent / "fixtures" / "data" / "dolly_15k_first4.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    first = run("alpaca", rows[0])
+    assert first == [
+        user(rows[0]["instruction"] + "\n\n" + rows[0]["context"]),
+        assistant(rows[0]["response"]),
+    ]
+    assert first[0]["content"].startswith("When did Virgin Australia start operating?\n\nVirgin")
+    assert run("alpaca", rows[1]) == [
+        user("Which is a species of fish? Tope or Rope"),
+        assistant("Tope"),
+    ]
+    dolly_and_output = {**rows[1], "output": "Rope"}  # both layouts: Alpaca's columns first
+    assert run("alpaca", dolly_and_output)[1] == assistant("Rope")
+    explicit = run("alpaca", dolly_and_output, input_field="context", output_field="response")
+    assert explicit[1] == assistant("Tope")
+    with pytest.raises(DataError, match="field 'output': missing field"):
+        run("alpaca", {"instruction": "Say hi.", "answer": "hi"})
+
+
 def test_prompt_completion_plain_and_conversational() -> None:
     assert run("prompt_completion", {"prompt": "2+2=", "completion": "4"}) == [
         user("2+2="),
@@ -107,6 +130,8 @@ def test_prompt_completion_plain_and_conversational() -> None:
 def test_qa_auto_detects_fields_or_takes_them() -> None:
     assert run("qa", {"question": "q", "answer": "a"}) == [user("q"), assistant("a")]
     assert run("qa", {"input": "i", "output": "o"}) == [user("i"), assistant("o")]
+    assert run("qa", {"prompt": "2+2?", "answer": "4"}) == [user("2+2?"), assistant("4")]
+    assert run("qa", {"question": "q", "prompt": "p", "answer": "a"})[0] == user("q")
     assert run("qa", {"ask": "q", "say": "a"}, question_field="ask", answer_field="say") == [
         user("q"),
         assistant("a"),
@@ -247,3 +272,62 @@ def test_user_transform_by_import_path(tmp_path: Path, user_module: str) -> None
     assert ds[0]["task"] == "reversed"
     with pytest.raises(DataError, match="has no function 'nope'"):
         load_dataset_split({**spec, "transform": f"{user_module}:nope"})
+
+
+# --- Content blocks (tests/fixtures/data/README.md) -------------------------------------------
+
+LLAVA = Path(__file__).parent / "fixtures" / "data" / "llava_instruct_mix_vsft_messages.jsonl"
+
+
+def test_text_content_blocks_are_joined(tmp_path: Path) -> None:
+    """A real HF-style row without its image block: each message's text blocks joined, and the
+    conversation templates and tokenizes (it used to fail inside the Jinja template)."""
+    from transformers import AutoTokenizer
+
+    from post_training.data_sft.tokenize import tokenize_chat
+    from post_training.utils.config import asset_path
+
+    row = json.loads(LLAVA.read_text())
+    first = row["messages"][0]
+    text_only = {"messages": [{**first, "content": first["content"][:1]}, *row["messages"][1:]]}
+    ds, _ = load_dataset_split({"path": str(write_jsonl(tmp_path / "llava.jsonl", [text_only]))})
+    messages = ds[0]["messages"]
+    assert messages[:4] == [
+        user("Who wrote this book?\n"),
+        assistant("Donna Eden"),
+        user("What is the title of this book?"),
+        assistant("The Energies of Love: Using Energy Medicine to Keep Your Relationship Thriving"),
+    ]
+    assert messages[-1] == assistant("Yes") and len(messages) == 8
+    tokenizer = AutoTokenizer.from_pretrained(asset_path("tiny-llama"))
+    example = tokenize_chat(messages, tokenizer)
+    assert tokenizer.decode(example["input_ids"][example["completion_mask"] == 1]).startswith(
+        "Donna Eden<|end|>"
+    )
+    # Several blocks in one message are concatenated; "value" holds the text in some exports.
+    two = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Who wrote "}]},
+            {"role": "assistant", "content": [{"type": "text", "value": "Donna Eden"}]},
+        ]
+    }
+    two["messages"][0]["content"].append({"type": "text", "text": "this book?"})
+    assert run("messages", two) == [user("Who wrote this book?"), assistant("Donna Eden")]
+
+
+def test_string_and_block_contents_mixed_in_one_file_are_one_clear_line(tmp_path: Path) -> None:
+    """Arrow stores a column with one type: a file mixing string and list contents stops at
+    loading, naming the line and the field (a limitation of the Arrow-backed readers)."""
+    row = json.loads(LLAVA.read_text())
+    mixed = {"messages": [user("Who wrote this book?"), *row["messages"][1:]]}
+    path = write_jsonl(tmp_path / "mixed.jsonl", [mixed])
+    with pytest.raises(DataError, match=rf"{path}:1: field 'messages\[1\].content' is a list"):
+        load_dataset_split({"path": str(path)})
+
+
+def test_an_image_content_block_is_one_line_naming_file_row_field_and_type() -> None:
+    with pytest.raises(DataError) as err:
+        load_dataset_split({"path": str(LLAVA)}, where="dataset.train")
+    message = str(err.value)
+    assert f"{LLAVA}:1: field 'messages[0].content[1]': a content block of type 'image'" in message
+    assert message.startswith("dataset.train") and "\n" not in message

@@ -1,22 +1,50 @@
 """Canonical preference pairs of a source: transformed, validated with row-precise errors.
 
-:func:`load_preference_rows` reads one source spec (``path``, ``transform``, ``transform_args``,
-``max_examples``, ``ref_rewards_count``) and returns validated pairs; :func:`validate_pair`
-checks one pair (types, finite rewards, quantile rewards in [0, 1], or computed from
-``ref_rewards``).
+:func:`load_preference_pairs` reads one source spec (``path`` and the loading keys of
+:mod:`post_training.data_sft.sources`, ``transform``, ``transform_args``, ``transform_module``,
+``max_examples``, ``ref_rewards_count``) and returns validated pairs with where each came from;
+:func:`validate_pair` checks one pair (messages, finite rewards, quantile rewards in [0, 1], or
+computed from ``ref_rewards``). The transform is looked up as the SFT transforms are
+(:func:`~post_training.data_sft.transforms.get_transform`): a registered preference transform,
+one registered by the ``transform_module`` imported first, or ``package.module:function``.
+Errors name the split, the file and the 1-based row (``file:line`` for JSON lines and CSV, as
+the SFT data does; ``path row N`` otherwise) and the field. A pair whose chosen or rejected reply
+is empty (real sets have them: HH-RLHF's harmless-base test line 87) is not an error but dropped
+and counted (``empty_chosen`` / ``empty_rejected``), as SFT drops an example without completion.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from post_training.data_preference.transforms import PREFERENCE_TRANSFORMS
-from post_training.data_sft.sources import load_source
-from post_training.errors import ConfigError, DataError
+from post_training.data_preference.transforms import PREFERENCE_TRANSFORMS, as_messages
+from post_training.data_sft.sources import load, resolve
+from post_training.data_sft.transforms import FieldError, get_transform, import_transform_module
+from post_training.errors import DataError
+
+
+class EmptyCompletion(DataError):
+    """A chosen or rejected reply with no text: the pair is dropped and counted, not refused."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(f"field '{field}' is an empty completion")
+        self.field = field
+
+
+Locate = Callable[[int], str]
+"""Pair index -> where its row is (``data.jsonl:12``, ``data.parquet row 3``)."""
+
+PROMPT_ROLES = ("system", "user", "assistant")
+LINE_FORMATS = ("jsonl", "csv")
+"""File formats whose rows are located by their 1-based line."""
+SPEC_KEYS = ("transform", "transform_args", "transform_module", "max_examples", "ref_rewards_count")
+"""Keys of a preference source spec that are not loading keys."""
 
 FLOAT_COLUMNS = (
     "chosen_reward",
@@ -36,18 +64,34 @@ def _check_float(value: Any, field: str) -> float:
     return float(value)
 
 
+def _pair_messages(row: Mapping[str, Any]) -> dict[str, Any]:
+    """``prompt`` / ``chosen`` / ``rejected`` as canonical messages (strings and text blocks
+    accepted, as a transform may return them); :class:`FieldError` naming the field."""
+    out = {}
+    for field, role in (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant")):
+        out[field] = as_messages(row.get(field), field, role)
+    for i, message in enumerate(out["prompt"]):
+        if message["role"] not in PROMPT_ROLES:
+            raise FieldError(f"prompt[{i}].role", f"must be one of {PROMPT_ROLES}")
+    return out
+
+
 def validate_pair(row: Mapping[str, Any], ref_rewards_count: int | None) -> dict[str, Any]:
     """Check a canonical pair; raises :class:`DataError` naming the field (the caller adds the
     file and row)."""
-    out = {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
-    if not out["prompt"] or out["prompt"][-1]["role"] == "assistant":
-        raise DataError("field 'prompt' must be non-empty and end before the reply")
+    try:
+        out = _pair_messages(row)
+    except FieldError as err:
+        raise DataError(str(err)) from None
+    if out["prompt"][-1]["role"] == "assistant":
+        raise DataError("field 'prompt' must end before the reply (its last turn is assistant)")
     for field in ("chosen", "rejected"):
         msgs = out[field]
-        if not msgs or any(m.get("role") != "assistant" for m in msgs):
-            raise DataError(f"field '{field}' must be one or more assistant messages")
-        if not "".join(str(m.get("content") or "") for m in msgs).strip():
-            raise DataError(f"field '{field}' is an empty completion")
+        if any(m["role"] != "assistant" for m in msgs):
+            roles = [m["role"] for m in msgs]
+            raise DataError(f"field '{field}' must be assistant messages only, got roles {roles}")
+        if not "".join(m["content"] for m in msgs).strip():
+            raise EmptyCompletion(field)
     for field in FLOAT_COLUMNS:
         if row.get(field) is not None:
             out[field] = _check_float(row[field], field)
@@ -68,40 +112,93 @@ def validate_pair(row: Mapping[str, Any], ref_rewards_count: int | None) -> dict
     return out
 
 
-def load_preference_rows(spec: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
-    """Canonical, validated pairs of one source spec (``path``, ``transform``,
-    ``transform_args``, ``max_examples``, ``ref_rewards_count``)."""
-    name = spec.get("transform", "preference")
-    if name not in PREFERENCE_TRANSFORMS:
-        raise ConfigError(
-            f"{where}.transform {name!r}: available preference transforms "
-            f"{sorted(PREFERENCE_TRANSFORMS)}"
-        )
-    transform = PREFERENCE_TRANSFORMS[name]
+@dataclass(frozen=True)
+class PreferenceSource:
+    """Validated pairs of one source spec, where each came from (``locate(i)``, i the index in
+    ``pairs``) and the rows dropped per reason."""
+
+    pairs: list[dict[str, Any]]
+    locate: Locate
+    dropped: dict[str, int]
+
+
+def _row_locator(spec: Mapping[str, Any], loaded_locate: Locate, where: str) -> Locate:
+    """1-based rows: a JSON-lines / CSV file's own ``file:line``, else ``path row N``."""
+    ref = resolve(spec, where)
+    if ref.kind == "files" and ref.fmt in LINE_FORMATS:
+        return loaded_locate
+    return lambda index: f"{spec['path']} row {index + 1}"
+
+
+def _fields_present(row: Mapping[str, Any]) -> str:
+    return ", ".join(k for k, v in row.items() if v is not None)
+
+
+def transform_pair(
+    transform: Callable[..., Any], name: str, row: Mapping[str, Any], args: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``transform(row, **args)`` with its errors as :class:`DataError` (naming the field, the
+    transform and the fields the row has) and the reward columns carried over."""
+    try:
+        pair = transform(row, **args)
+        if not isinstance(pair, Mapping):
+            raise FieldError("prompt", f"transform returned {type(pair).__name__}, not a pair")
+    except FieldError as err:
+        raise DataError(
+            f"{err} (transform '{name}'; fields present: {_fields_present(row)})"
+        ) from None
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(
+            f"transform '{name}' failed with {type(err).__name__}: {err} "
+            f"(fields present: {_fields_present(row)})"
+        ) from err
+    pair = dict(pair)
+    for column in (*FLOAT_COLUMNS, "ref_rewards"):  # carried over unless transformed
+        if row.get(column) is not None and column not in pair:
+            pair[column] = row[column]
+    return pair
+
+
+def load_preference_pairs(spec: Mapping[str, Any], where: str) -> PreferenceSource:
+    """Canonical, validated pairs of one source spec (see the module docstring)."""
+    name = spec.get("transform") or "preference"
+    try:
+        if spec.get("transform_module"):
+            import_transform_module(str(spec["transform_module"]))
+        transform = get_transform(name, PREFERENCE_TRANSFORMS, "preference transform")
+    except DataError as err:
+        raise DataError(f"{where}.transform: {err}") from None
     args = dict(spec.get("transform_args") or {})
-    source_spec = {
-        k: v
-        for k, v in spec.items()
-        if k not in ("transform", "transform_args", "max_examples", "ref_rewards_count")
-    }
-    raw = load_source(source_spec, where)
+    source_spec = {k: v for k, v in spec.items() if k not in SPEC_KEYS}
+    loaded = load(source_spec, where)
+    locate = _row_locator(source_spec, loaded.locate, where)
     limit = spec.get("max_examples")
     count = spec.get("ref_rewards_count")
-    rows = []
-    for index, row in enumerate(raw):
+    rows: list[dict[str, Any]] = []
+    row_of: list[int] = []  # pair index -> row index
+    dropped: Counter[str] = Counter()
+    for index, row in enumerate(loaded.dataset):
         if limit is not None and index >= limit:
             break
         try:
-            pair = transform(row, **args)
-            for column in (*FLOAT_COLUMNS, "ref_rewards"):  # carried over unless transformed
-                if row.get(column) is not None and column not in pair:
-                    pair[column] = row[column]
-            pair = validate_pair(pair, count)
+            pair = validate_pair(transform_pair(transform, name, row, args), count)
+        except EmptyCompletion as err:
+            dropped[f"empty_{err.field}"] += 1
+            continue
         except DataError as err:
-            raise DataError(f"{where} ({spec['path']}): row {index}: {err}") from None
+            raise DataError(f"{where}: {locate(index)}: {err}") from None
         if count is None and "ref_rewards" in pair:
             count = len(pair["ref_rewards"])
         rows.append(pair)
+        row_of.append(index)
     if not rows:
-        raise DataError(f"{where} ({spec['path']}): no preference pairs")
-    return rows
+        reasons = f" (dropped: {dict(dropped)})" if dropped else ""
+        raise DataError(f"{where} ({spec['path']}): no preference pairs{reasons}")
+    return PreferenceSource(rows, lambda i: locate(row_of[i]), dict(dropped))
+
+
+def load_preference_rows(spec: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
+    """The pairs of :func:`load_preference_pairs`."""
+    return load_preference_pairs(spec, where).pairs

@@ -5,7 +5,10 @@
 
 ``mode=samples`` prints, for the first ``num_samples`` rows of the split, each stage: the raw row
 (single-source splits), the canonical messages, the templated text, and the tokens with the
-completion (trained) tokens marked ``[[...]]`` (green on a terminal).
+completion (trained) tokens marked ``[[...]]`` (green on a terminal). A preference dataset (its
+split's ``transform`` is a preference transform: ``preference``, ``hh_rlhf``, ...) shows, per pair,
+the raw row, the canonical prompt / chosen / rejected and the tokens of both sides as training
+sees them (``data.truncation``, prompts up to ``model.max_seq_length - 1`` tokens).
 ``mode=token_stats`` tokenizes the whole split with the training options and prints tokens per
 source, prompt / completion / total length percentiles, the generation ratio (completion / prompt
 tokens), packing efficiency at ``model.max_seq_length`` and drops per reason; it writes
@@ -25,13 +28,17 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from post_training.data_preference.encode import PairReport, encode_pairs
+from post_training.data_preference.pairs import load_preference_pairs
+from post_training.data_preference.transforms import PREFERENCE_TRANSFORMS
 from post_training.data_sft.dataset_config import dataset_specs, load_train_eval
 from post_training.data_sft.packing import pack_examples, packing_efficiency
 from post_training.data_sft.sources import load_source
 from post_training.data_sft.templates import ChatTemplate, resolve_template
 from post_training.data_sft.tokenize import ChatEncoder, FilterReport
 from post_training.data_sft.training_data import iter_messages, tokenize_options
-from post_training.errors import ConfigError
+from post_training.data_sft.transforms import TRANSFORMS, import_transform_module
+from post_training.errors import ConfigError, DataError
 from post_training.frame import entrypoint
 from post_training.modeling.loading import load_tokenizer
 from post_training.utils.config import register_resolvers, to_container
@@ -82,7 +89,7 @@ def samples(config: Mapping[str, Any], split: str, num_samples: int) -> str:
     lines = []
     for i in range(min(num_samples, len(ds))):
         row = ds[i]
-        lines.append(f"=== {split} row {i} (source {row.get('source')}) ===")
+        lines.append(f"=== {split} row {i + 1} (source {row.get('source')}) ===")
         if raw is not None:
             lines.append("--- raw ---\n" + json.dumps(raw[i], ensure_ascii=False, default=str))
         lines.append(
@@ -90,13 +97,15 @@ def samples(config: Mapping[str, Any], split: str, num_samples: int) -> str:
             + "\n".join(json.dumps(m, ensure_ascii=False) for m in row["messages"])
         )
         report = FilterReport()
-        examples, _ = encoder.encode([row["messages"]], f"{split} row {i}", report)
+        examples, _ = encoder.encode(
+            [row["messages"]], split, report, locate=lambda _, n=i: f"{split}: row {n + 1}"
+        )
         if not examples:
             lines.append(f"--- dropped: {dict(report.dropped)} ---")
             continue
         ex = examples[0]
         try:
-            text, _ = encoder.render(row["messages"], f"{split} row {i}")
+            text, _ = encoder.render(row["messages"], f"{split}: row {i + 1}")
         except Exception as err:
             text = f"<cannot render: {err}>"
         lines.append("--- templated text ---\n" + text)
@@ -109,6 +118,63 @@ def samples(config: Mapping[str, Any], split: str, num_samples: int) -> str:
             + "\nids: "
             + " ".join(map(str, ex["input_ids"].tolist()))
         )
+    return "\n".join(lines)
+
+
+def preference_spec(config: Mapping[str, Any], split: str) -> dict[str, Any] | None:
+    """The split's source spec when its ``transform`` is a preference transform (after importing
+    its ``transform_module``), else None (an SFT split)."""
+    spec = dataset_specs(config["dataset"])[0 if split == "train" else 1]
+    if not isinstance(spec, Mapping) or "path" not in spec:
+        return None
+    if spec.get("transform_module"):
+        import_transform_module(str(spec["transform_module"]))
+    name = spec.get("transform")
+    return dict(spec) if name in PREFERENCE_TRANSFORMS and name not in TRANSFORMS else None
+
+
+def _lines(messages: Sequence[Mapping[str, str]]) -> str:
+    return "\n".join(json.dumps(dict(m), ensure_ascii=False) for m in messages)
+
+
+def preference_samples(
+    config: Mapping[str, Any], split: str, spec: Mapping[str, Any], num_samples: int
+) -> str:
+    """:func:`samples` for a preference split: raw row, prompt / chosen / rejected, the tokens of
+    each side (one training row holds both, back to back)."""
+    tokenizer, encoder, _ = _encoder(config)
+    where = f"dataset.{split}"
+    source = load_preference_pairs(spec, where)
+    pairs = source.pairs
+    raw = None if source.dropped else load_source(spec)  # else pair i is not row i
+    max_prompt = int(config["model"]["max_seq_length"]) - 1
+    color = sys.stdout.isatty()
+    dropped = f", rows dropped: {source.dropped}" if source.dropped else ""
+    lines = [f"{len(pairs)} pairs in {where} ({spec['path']}{dropped})"]
+    for i, pair in enumerate(pairs[:num_samples]):
+        lines.append(f"=== {split} pair {i + 1} ({source.locate(i)}) ===")
+        if raw is not None:
+            lines.append("--- raw ---\n" + json.dumps(raw[i], ensure_ascii=False, default=str))
+        for field in ("prompt", "chosen", "rejected"):
+            lines.append(f"--- {field} ---\n" + _lines(pair[field]))
+        report = PairReport()
+        try:
+            encoded = encode_pairs([pair], encoder, where, max_prompt, report)
+        except DataError:  # the pair was dropped (too long for data.truncation=drop, ...)
+            lines.append(f"--- dropped: {dict(report.dropped)} ---")
+            continue
+        row = encoded[0]
+        cut = int(np.flatnonzero(row["position_ids"] == 0)[1])  # the rejected side starts here
+        for side, part in (("chosen", slice(0, cut)), ("rejected", slice(cut, None))):
+            ids, mask = row["input_ids"][part].tolist(), row["completion_mask"][part].tolist()
+            tokens = [tokenizer.decode([t]) for t in ids]
+            n_c = int(sum(mask))
+            lines.append(
+                f"--- {side} tokens: {len(tokens)} ({len(tokens) - n_c} prompt, {n_c} completion "
+                f"{'green' if color else '[[marked]]'}"
+                f"{'; truncated' if report.truncated else ''}) ---\n"
+                + show_tokens(tokens, mask, color)
+            )
     return "\n".join(lines)
 
 
@@ -204,12 +270,21 @@ def run(cfg: DictConfig) -> dict[str, Any] | str:
     split = config["split"]
     if split not in ("train", "eval"):
         raise ConfigError(f"split must be train or eval, got {split!r}")
+    pairs = preference_spec(config, split)
     if config["mode"] == "samples":
-        out = samples(config, split, int(config["num_samples"]))
+        if pairs is not None:
+            out = preference_samples(config, split, pairs, int(config["num_samples"]))
+        else:
+            out = samples(config, split, int(config["num_samples"]))
         print(out, flush=True)
         return out
     if config["mode"] != "token_stats":
         raise ConfigError(f"mode must be samples or token_stats, got {config['mode']!r}")
+    if pairs is not None:
+        raise ConfigError(
+            f"mode=token_stats reads SFT datasets; dataset {config['dataset']['name']} is a "
+            "preference one (train_preference logs its pairs kept / truncated / dropped)"
+        )
     stats = token_stats(config, split)
     lengths = stats.pop("_lengths")
     run_dir = Path(config["run_dir"])

@@ -13,7 +13,7 @@ with :meth:`ChatTemplate.bind`. The pseudo-role ``text`` (plain-text documents) 
 ``bos + content + eos`` and is trained on every token.
 
 Config (``model.chat_template``): ``null`` or ``tokenizer`` (the tokenizer's own Jinja template;
-masks then come from incremental rendering, see ``tokenize.py``), a registry name, a Jinja string,
+masks then come from its full rendering, see ``tokenize.py``), a registry name, a Jinja string,
 or a mapping with the fields of :class:`ChatTemplate` (a YAML-defined template).
 """
 

@@ -1,27 +1,51 @@
 """Templating and tokenization with exact prompt / completion masks, truncation and filters.
 
 Each conversation is rendered to text together with the character spans of its trained parts
-(every assistant turn's content and end-of-turn suffix; all of a plain-text document):
+(every assistant turn's reply and end-of-turn token; all of a plain-text document):
 
 - a registry / YAML :class:`~post_training.data_sft.templates.ChatTemplate` knows the spans by
-  construction;
-- the tokenizer's own Jinja template is rendered incrementally: for each assistant turn ``i``,
-  messages ``[:i]`` with the generation prompt and ``[:i+1]`` without it; the text between the two
-  is the completion, and every rendering must be a prefix of the next (else we refuse the example
-  rather than guess).
+  construction (the reply content plus the assistant suffix; separators and ``after`` text, such
+  as chatml's newline after ``<|im_end|>``, are never trained);
+- the tokenizer's own Jinja template: the whole conversation is rendered once, and for each
+  assistant turn ``i`` the span is taken from that full rendering:
+
+  * it starts where the generation prompt ends: ``render(messages[:i], add_generation_prompt=
+    True)`` must be a prefix of the full rendering (else the example is refused);
+  * the reply is located after that point, before the next turn's generation prompt ends (the
+    content as given, stripped, or, for a reply holding a ``<think>`` block, the part after
+    ``</think>``: templates strip, trim and re-wrap content);
+  * it ends right after the end-of-turn token that follows the reply: the first special token
+    after it, with only whitespace between (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``,
+    ``<|end|>``, ``</s>``, ...). What follows that token (chatml's and Gemma's newline) is
+    not trained. The reply is its first occurrence so followed, with no such token between the
+    generation prompt and it, so repeated content stays in its own turn; an empty reply is
+    located by rendering once more with a probe character appended to it. A reply that cannot
+    be located this way is refused rather than guessed.
+
+  Templates need not be prefix-stable turn by turn. Reasoning templates (Qwen3, DeepSeek-R1
+  style ``<think>`` blocks) render turns differently depending on their position, and the
+  masks follow the full rendering: every turn trains what the template renders for it after
+  its generation prompt. For the last turn that is what the model must generate at inference
+  after the generation prompt, e.g. Qwen3's empty ``<think>\n\n</think>\n\n`` before the
+  reply is trained; earlier turns, which Qwen3 renders without a think block, train just their
+  reply and ``<|im_end|>``.
+
+``train_on`` (``data.train_on``): ``all_assistant_turns`` trains every assistant turn,
+``last_assistant_turn`` only the final one (the earlier ones are context, LlamaFactory's
+``mask_history``).
 
 The whole text is then tokenized once (batched, in Rust) with character offsets, and a token is
 a completion token iff it overlaps a trained span, so every completion character is trained even
 where a subword merges across the boundary (e.g. BPE's ``" answer"`` after ``"Assistant:"``);
-such tokens are counted in the report. No string search is involved, so repeated content cannot
-confuse the masks.
+such tokens are counted in the report. Rows in errors are 1-based (or the source's own
+``file:line`` when the caller passes a locator).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +60,7 @@ log = logging.getLogger(__name__)
 
 TRUNCATION_MODES = ("drop", "truncate")
 ROLE_FIX_MODES = ("merge", "drop", "error")
+TRAIN_ON_MODES = ("all_assistant_turns", "last_assistant_turn")
 ENCODE_BATCH = 1024
 
 
@@ -43,15 +68,21 @@ ENCODE_BATCH = 1024
 class TokenizeOptions:
     """``max_seq_length``; ``truncation``: ``drop`` too-long examples or ``truncate`` their tail
     (kept if completion tokens remain); ``role_fix``: consecutive messages of the same role are
-    ``merge``d (joined by ``merge_separator``), the example ``drop``ped, or an ``error``."""
+    ``merge``d (joined by ``merge_separator``), the example ``drop``ped, or an ``error``;
+    ``train_on``: ``all_assistant_turns`` or only the ``last_assistant_turn``."""
 
     max_seq_length: int
     truncation: str = "drop"
     role_fix: str = "merge"
     merge_separator: str = "\n\n"
     add_bos: bool = False
+    train_on: str = "all_assistant_turns"
 
     def __post_init__(self) -> None:
+        if self.train_on not in TRAIN_ON_MODES:
+            raise ConfigError(
+                f"data.train_on must be one of {TRAIN_ON_MODES}, got {self.train_on!r}"
+            )
         if self.truncation not in TRUNCATION_MODES:
             raise ConfigError(
                 f"data.truncation must be one of {TRUNCATION_MODES}, got {self.truncation!r}"
@@ -135,10 +166,99 @@ def fix_roles(
     return out, merged
 
 
+THINK_END = "</think>"
+PROBE = "\ue000"  # a private-use character: no template or tokenizer treats it specially
+_REFUSED = (
+    "cannot derive exact completion masks — use a registry or YAML template (model.chat_template)"
+)
+
+
+class EndOfTurnTokens:
+    """The tokenizer's special tokens, to recognise the end-of-turn token after a reply."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        tokens = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        tokens |= set(tokenizer.all_special_tokens)
+        self.by_first: dict[str, list[str]] = {}
+        for token in sorted((t for t in tokens if t), key=len, reverse=True):
+            self.by_first.setdefault(token[0], []).append(token)
+
+    def at(self, text: str, pos: int, bound: int) -> str | None:
+        """The special token starting at ``text[pos]`` and ending by ``bound``, if any."""
+        if pos >= bound:
+            return None
+        for token in self.by_first.get(text[pos], ()):
+            if pos + len(token) <= bound and text.startswith(token, pos):
+                return token
+        return None
+
+
+def reply_candidates(content: str) -> tuple[list[str], bool]:
+    """What a template may render of a reply: as given, stripped, or the part after a think
+    block; and whether that visible reply is empty (then it is located by a probe)."""
+    out = [content, content.strip()]
+    empty = not content.strip()
+    if THINK_END in content:
+        answer = content.split(THINK_END)[-1].strip()
+        out.append(answer)
+        empty = empty or not answer
+    return list(dict.fromkeys(c for c in out if c)), empty
+
+
+def _end_after(text: str, start: int, pos: int, bound: int, eot: EndOfTurnTokens) -> int | None:
+    """End of the end-of-turn token after ``text[pos]`` (only whitespace between), or ``None``;
+    the same token must not occur between ``start`` and ``pos`` (that would be another turn)."""
+    after = pos
+    while after < bound and text[after].isspace():
+        after += 1
+    token = eot.at(text, after, bound)
+    if token is None or token in text[start:pos]:
+        return None
+    return after + len(token)
+
+
+def reply_end(text: str, start: int, bound: int, content: str, eot: EndOfTurnTokens) -> int | None:
+    """End of the reply's span in ``text``: right after the end-of-turn token that follows the
+    reply located in ``text[start:bound]`` (its first such occurrence), or ``None``."""
+    for candidate in reply_candidates(content)[0]:
+        pos = text.find(candidate, start, bound)
+        while pos != -1:
+            end = _end_after(text, start, pos + len(candidate), bound, eot)
+            if end is not None:
+                return end
+            pos = text.find(candidate, pos + 1, bound)
+    return None
+
+
+def _probe_end(
+    render: Callable[[list[dict[str, str]]], str],
+    messages: list[dict[str, str]],
+    i: int,
+    full: str,
+    start: int,
+    bound: int,
+    eot: EndOfTurnTokens,
+) -> int | None:
+    """Span end of an empty (visible) reply: the conversation is rendered again with a probe
+    character appended to reply ``i``; where the template put it is where the reply ends (the
+    probe rendering minus the probe must be the full rendering)."""
+    probe = [*messages[:i], {**messages[i], "content": messages[i]["content"] + PROBE}]
+    text = render([*probe, *messages[i + 1 :]])
+    pos = text.find(PROBE)
+    if text.count(PROBE) != 1 or text.replace(PROBE, "") != full or not start <= pos <= bound:
+        return None
+    return _end_after(full, start, pos, bound, eot)
+
+
 def _render_with_tokenizer(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], where: str
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    where: str,
+    eot: EndOfTurnTokens,
+    last_only: bool = False,
 ) -> tuple[str, list[tuple[int, int]]]:
-    """Render with the tokenizer's Jinja template; spans from incremental rendering."""
+    """Render with the tokenizer's Jinja template; spans from the full rendering (see the module
+    docstring). ``last_only``: the span of the last assistant turn only."""
 
     def render(msgs: list[dict[str, str]], generation: bool) -> str:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
@@ -147,23 +267,40 @@ def _render_with_tokenizer(
         bos = tokenizer.bos_token or ""
         text = messages[0]["content"] + (tokenizer.eos_token or "")
         return bos + text, [(len(bos), len(bos) + len(text))]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if turns and turns[0] == 0:
+        raise _Skip("starts_with_assistant")
+    if last_only:
+        turns = turns[-1:]
     full = render(messages, False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        if i == 0:
-            raise _Skip("starts_with_assistant")
-        start = render(messages[:i], True)
-        end = render(messages[: i + 1], False)
-        if not end.startswith(start) or not full.startswith(end):
+    starts = []
+    for i in turns:
+        prompt = render(messages[:i], True)
+        if not full.startswith(prompt):
+            pairs = zip(prompt, full, strict=False)
+            at = next((k for k, (a, b) in enumerate(pairs) if a != b), len(full))
             raise DataError(
-                f"{where}: the tokenizer's chat template is not prefix-stable at message {i} "
-                "(rendering the conversation up to a turn is not a prefix of the next); cannot "
-                "derive exact completion masks — use a registry or YAML template "
-                "(model.chat_template)"
+                f"{where}: the tokenizer's chat template is not prefix-stable at messages[{i}]: "
+                "the conversation before it, rendered with the generation prompt, is not a "
+                f"prefix of the whole conversation (from character {at}: "
+                f"{prompt[at : at + 30]!r} vs {full[at : at + 30]!r}); {_REFUSED}"
             )
-        spans.append((len(start), len(end)))
+        starts.append(len(prompt))
+    spans = []
+    for k, (i, start) in enumerate(zip(turns, starts, strict=True)):
+        bound = starts[k + 1] if k + 1 < len(starts) else len(full)
+        content, end = messages[i]["content"], None
+        if reply_candidates(content)[1] and PROBE not in full:  # nothing visible to search
+            end = _probe_end(lambda m: render(m, False), messages, i, full, start, bound, eot)
+        if end is None:
+            end = reply_end(full, start, bound, content, eot)
+        if end is None:
+            raise DataError(
+                f"{where}: messages[{i}] (assistant): the reply, followed by an end-of-turn "
+                "token, is not found in the rendered conversation after its generation prompt; "
+                f"{_REFUSED}"
+            )
+        spans.append((start, end))
     return full, spans
 
 
@@ -184,17 +321,21 @@ class ChatEncoder:
             template.bind(tokenizer.bos_token, tokenizer.eos_token) if template else None
         )
         self.bos_id = tokenizer.bos_token_id
+        self.end_of_turn = EndOfTurnTokens(tokenizer)
         if options.add_bos and self.bos_id is None:
             raise ConfigError("model.special_tokens.add_bos is true but the tokenizer has no BOS")
 
     def render(
         self, messages: list[dict[str, str]], where: str
     ) -> tuple[str, list[tuple[int, int]]]:
+        """The text and its trained spans (only the last one under ``last_assistant_turn``)."""
+        last_only = self.options.train_on == "last_assistant_turn"
         if self.template is not None:
             if messages[0]["role"] == "assistant" and "user" in self.template.roles:
                 raise _Skip("starts_with_assistant")
-            return self.template.render(messages)
-        return _render_with_tokenizer(self.tokenizer, messages, where)
+            text, spans = self.template.render(messages)
+            return text, spans[-1:] if last_only else spans
+        return _render_with_tokenizer(self.tokenizer, messages, where, self.end_of_turn, last_only)
 
     def render_prompt(self, messages: list[dict[str, str]]) -> str:
         """The conversation so far plus the generation prompt (what a reply continues)."""
@@ -224,11 +365,14 @@ class ChatEncoder:
         conversations: Iterable[Sequence[Mapping[str, Any]] | tuple[Sequence[Any], int]],
         where: str = "dataset",
         report: FilterReport | None = None,
+        locate: Callable[[int], str] | None = None,
     ) -> tuple[list[dict[str, np.ndarray]], list[int]]:
         """Tokenized examples and, for each, the index of its conversation in the input.
 
         An item ``(messages, train_from)`` trains only the replies after
-        ``messages[:train_from]`` (a preference prompt may hold earlier assistant turns)."""
+        ``messages[:train_from]`` (a preference prompt may hold earlier assistant turns).
+        Errors name ``locate(index)`` (e.g. the source's ``file:line``), else ``where`` and the
+        1-based row."""
         report = report if report is not None else FilterReport()
         examples: list[dict[str, np.ndarray]] = []
         kept_index: list[int] = []
@@ -252,7 +396,7 @@ class ChatEncoder:
         for index, item in enumerate(conversations):
             messages, train_from = item if isinstance(item, tuple) else (item, 0)
             report.total += 1
-            row_where = f"{where}: row {index}"
+            row_where = locate(index) if locate is not None else f"{where}: row {index + 1}"
             try:
                 if not messages:
                     raise _Skip("empty")
@@ -356,8 +500,9 @@ def reference_masks(
     messages: Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase
 ) -> tuple[list[int], list[int]] | None:
     """Token ids and completion mask by incremental *token-id* rendering of the tokenizer's
-    template: slow, used by tests as the ground truth for every template. ``None`` when the
-    token ids are not prefix-stable (a subword merged across a turn boundary)."""
+    template: slow, used by tests as the ground truth for prefix-stable templates (the
+    registry's Jinja forms). ``None`` when the token ids are not prefix-stable (a subword merged
+    across a turn boundary)."""
 
     def ids(msgs: Sequence[Mapping[str, str]], generation: bool) -> list[int]:
         text = tokenizer.apply_chat_template(

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from post_training.data_sft.dataset_config import load_train_eval
+from post_training.data_sft.dataset_config import dataset_specs, load_train_eval
 from post_training.data_sft.packing import pack_examples, packing_efficiency
-from post_training.data_sft.sources import source_fingerprint
+from post_training.data_sft.sources import load, source_fingerprint
 from post_training.data_sft.templates import resolve_template
 from post_training.data_sft.tokenize import (
     ChatEncoder,
@@ -40,7 +40,7 @@ from post_training.utils.config import config_hash
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: tokenizer-template masks from the full rendering, no text after EOT
 READ_BATCH = 2048
 
 
@@ -62,6 +62,7 @@ def tokenize_options(config: Mapping[str, Any]) -> TokenizeOptions:
         truncation=data.get("truncation", "drop"),
         role_fix=data.get("non_alternating_roles", "merge"),
         add_bos=bool(special.get("add_bos", False)),
+        train_on=data.get("train_on", "all_assistant_turns"),
     )
 
 
@@ -129,19 +130,51 @@ def _load_split(directory: Path) -> tuple[list[dict[str, np.ndarray]], list[int]
     return examples, index
 
 
+def row_locator(spec: Any, ds: Any, sources: Mapping[str, Any], where: str) -> Callable[[int], str]:
+    """Where row ``index`` of a canonical split comes from, for errors: the source's own location
+    (``file:line``) when the split is one source's rows in file order (no shuffle, no amount),
+    else its source name and path and the 1-based row of the split. Called only on an error."""
+    exact = (
+        isinstance(spec, Mapping)
+        and "path" in spec
+        and not spec.get("shuffle")
+        and all(spec.get(k) is None for k in ("count", "fraction", "weight"))
+    )
+
+    def locate(index: int) -> str:
+        if exact:
+            return f"{where}: {load(spec, where).locate(index)}"
+        name = ds[index].get("source") if "source" in ds.column_names else None
+        path = (sources.get(name) or {}).get("path") if name is not None else None
+        origin = f" (source '{name}': {path})" if path is not None else ""
+        return f"{where}{origin}: row {index + 1} of the split"
+
+    return locate
+
+
 def _tokenize_splits(
-    config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, train_ds: Any, eval_ds: Any
+    config: Mapping[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    train_ds: Any,
+    eval_ds: Any,
+    load_report: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     template = resolve_template(config["model"].get("chat_template"))
     encoder = ChatEncoder(
         tokenizer, template if not isinstance(template, str) else None, tokenize_options(config)
     )
     out: dict[str, Any] = {}
+    specs = dict(zip(("train", "eval"), dataset_specs(config["dataset"]), strict=True))
+    load_report = load_report or {}
     for split, ds in (("train", train_ds), ("eval", eval_ds)):
         if ds is None:
             continue
         report = FilterReport()
-        examples, index = encoder.encode(iter_messages(ds), f"dataset {split}", report)
+        spec, part = specs[split], load_report.get(split) or {}
+        if isinstance(spec, Mapping) and "from_train" in spec:  # rows of the train sources
+            spec, part = None, load_report.get("train") or {}
+        locate = row_locator(spec, ds, part.get("sources") or {}, f"dataset.{split}")
+        examples, index = encoder.encode(iter_messages(ds), f"dataset.{split}", report, locate)
         log.info(report.summary(f"{split} split"))
         out[split] = (examples, index, report.as_dict())
     return out
@@ -197,7 +230,7 @@ def load_sft_data(
             log.info("Tokenized data from the cache %s", cache_dir)
             splits = _read_cache(cache_dir)
         else:
-            splits = _tokenize_splits(config, tokenizer, train_ds, eval_ds)
+            splits = _tokenize_splits(config, tokenizer, train_ds, eval_ds, load_report)
             if cache_dir is not None:
                 _write_cache(cache_dir, splits, key)
     train, _, train_report = splits["train"]

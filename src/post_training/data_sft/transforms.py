@@ -6,8 +6,9 @@ one assistant turn, or, for plain text trained on every token, exactly one
 ``{"role": "text", "content": ...}`` message. Other keys of the result are ignored unless a
 source lists them in ``keep_columns``.
 
-Built-ins: ``messages`` (OpenAI chat format), ``sharegpt``, ``alpaca``, ``prompt_completion``
-(plain or TRL's conversational form), ``qa`` and ``text``. Add your own in any importable module::
+Built-ins: ``messages`` (OpenAI chat format), ``sharegpt``, ``alpaca`` (Alpaca or Dolly
+columns), ``prompt_completion`` (plain or TRL's conversational form), ``qa`` and ``text``. Add
+your own in any importable module::
 
     from post_training.data_sft.transforms import register_transform, string
 
@@ -60,18 +61,26 @@ class FieldError(Exception):
         self.problem = problem
 
 
-def register_transform(name: str) -> Callable[[TransformFn], TransformFn]:
-    """Decorator registering ``fn`` as transform ``name`` (re-registering the same function is
-    allowed, so a module may be imported twice; another function under a taken name is not)."""
+def register_in(
+    registry: dict[str, Any], name: str, kind: str = "transform"
+) -> Callable[[Any], Any]:
+    """Decorator registering ``fn`` as ``name`` in ``registry`` (re-registering the same
+    function is allowed, so a module may be imported twice; another function under a taken name
+    is not). ``kind`` names the registry in errors."""
 
-    def decorator(fn: TransformFn) -> TransformFn:
-        previous = TRANSFORMS.get(name)
+    def decorator(fn: Any) -> Any:
+        previous = registry.get(name)
         if previous is not None and _qualified(previous) != _qualified(fn):
-            raise ValueError(f"transform '{name}' is already registered by {_qualified(previous)}")
-        TRANSFORMS[name] = fn
+            raise ValueError(f"{kind} '{name}' is already registered by {_qualified(previous)}")
+        registry[name] = fn
         return fn
 
     return decorator
+
+
+def register_transform(name: str) -> Callable[[TransformFn], TransformFn]:
+    """Decorator registering ``fn`` as transform ``name`` (see :func:`register_in`)."""
+    return register_in(TRANSFORMS, name)
 
 
 def _qualified(fn: Callable[..., Any]) -> str:
@@ -86,19 +95,23 @@ def import_transform_module(module: str) -> None:
         raise DataError(f"transform_module '{module}' cannot be imported: {err}") from err
 
 
-def get_transform(name: str) -> TransformFn:
-    """A registered transform, or ``"package.module:function"`` imported from its module."""
-    if name in TRANSFORMS:
-        return TRANSFORMS[name]
+def get_transform(
+    name: str, registry: Mapping[str, Any] | None = None, kind: str = "transform"
+) -> TransformFn:
+    """A transform registered in ``registry`` (default: the SFT :data:`TRANSFORMS`), or
+    ``"package.module:function"`` imported from its module; ``kind`` names it in errors."""
+    registry = TRANSFORMS if registry is None else registry
+    if name in registry:
+        return registry[name]
     if ":" in name:
         module, _, attr = name.partition(":")
         import_transform_module(module)
         fn = getattr(importlib.import_module(module), attr, None)
         if not callable(fn):
-            raise DataError(f"transform '{name}': module '{module}' has no function '{attr}'")
+            raise DataError(f"{kind} '{name}': module '{module}' has no function '{attr}'")
         return fn
     raise DataError(
-        f"unknown transform '{name}'; available: {', '.join(sorted(TRANSFORMS))} "
+        f"unknown {kind} '{name}'; available: {', '.join(sorted(registry))} "
         "(or 'package.module:function', or register one and name its module in transform_module)"
     )
 
@@ -144,13 +157,44 @@ def chat(
             raise FieldError(
                 f"{field}[{i}].{role_key}", f"unknown role {raw_role!r}; known: {known}"
             )
-        content = message.get(content_key)
-        if type(content) is not str:
-            raise FieldError(
-                f"{field}[{i}].{content_key}", f"must be a string, got {type(content).__name__}"
-            )
-        out.append({"role": role, "content": content})
+        out.append(
+            {
+                "role": role,
+                "content": text_content(message.get(content_key), f"{field}[{i}].{content_key}"),
+            }
+        )
     return out
+
+
+TEXT_BLOCK_KEYS = ("text", "value")
+"""Keys holding the text of a ``{"type": "text", ...}`` content block, tried in order."""
+
+
+def text_content(content: Any, field: str) -> str:
+    """A message's text: a string as is, or a list of content blocks (OpenAI / Hugging Face
+    style, ``[{"type": "text", "text" | "value": ...}]``) joined without a separator, as chat
+    templates concatenate them. Any other block type (``image``, ``image_url``, ...) raises
+    :class:`FieldError` naming the block and its type: this is text-only training."""
+    if type(content) is str:
+        return content
+    if not isinstance(content, list) or not content:
+        kind = "an empty list" if isinstance(content, list) else type(content).__name__
+        raise FieldError(field, f"must be a string or a list of text blocks, got {kind}")
+    parts = []
+    for j, block in enumerate(content):
+        at = f"{field}[{j}]"
+        if not isinstance(block, Mapping):
+            raise FieldError(at, f"a content block must be an object, got {type(block).__name__}")
+        kind = block.get("type")
+        if kind != "text":
+            raise FieldError(
+                at, f"a content block of type {kind!r}; only 'text' blocks can be trained on"
+            )
+        text = next((block[k] for k in TEXT_BLOCK_KEYS if type(block.get(k)) is str), None)
+        if text is None:
+            raise FieldError(at, f"a text block needs a string under one of {TEXT_BLOCK_KEYS}")
+        parts.append(text)
+    return "".join(parts)
 
 
 def validate_canonical(messages: Any) -> list[dict[str, str]]:
@@ -215,16 +259,28 @@ def sharegpt(
     return {"messages": _with_system(messages, system)}
 
 
+ALPACA_FIELDS = (("input", "output"), ("context", "response"))
+"""(input, output) field pairs :func:`alpaca` looks for, in order, when not told which to use:
+Alpaca's ``input`` / ``output`` and Dolly's ``context`` / ``response`` (the pair whose output
+field the row has; else the first)."""
+
+
 @register_transform("alpaca")
 def alpaca(
     row: Mapping[str, Any],
     instruction_field: str = "instruction",
-    input_field: str = "input",
-    output_field: str = "output",
+    input_field: str | None = None,
+    output_field: str | None = None,
     system_prompt: str | None = None,
 ) -> dict[str, Any]:
-    """Alpaca: user = instruction, plus a blank line and the input when the input is non-empty;
-    assistant = output; an optional constant ``system_prompt`` first."""
+    """Alpaca (``instruction`` / ``input`` / ``output``) or Dolly (``instruction`` / ``context``
+    / ``response``), recognised by :data:`ALPACA_FIELDS` unless the fields are given: user =
+    instruction, plus a blank line and the input (context) when it is non-empty; assistant =
+    output (response); an optional constant ``system_prompt`` first."""
+    if input_field is None or output_field is None:
+        pair = next((p for p in ALPACA_FIELDS if p[1] in row), ALPACA_FIELDS[0])
+        input_field = input_field or pair[0]
+        output_field = output_field or pair[1]
     user = string(row, instruction_field)
     extra = row.get(input_field)
     if extra is not None and not isinstance(extra, str):
@@ -266,7 +322,12 @@ def prompt_completion(
     return {"messages": _with_system(prompt_messages + completion_messages, system_prompt)}
 
 
-QA_FIELDS = (("question", "answer"), ("input", "output"), ("query", "response"))
+QA_FIELDS = (
+    ("question", "answer"),
+    ("input", "output"),
+    ("query", "response"),
+    ("prompt", "answer"),
+)
 """Field pairs :func:`qa` looks for, in order, when not told which to use."""
 
 

@@ -90,9 +90,14 @@ class Model(Section):
 
 
 class DataOptions(Section):
-    truncation: Literal["drop", "truncate"] = Field(description="over-long examples")
+    truncation: Literal["drop", "truncate"] = Field(
+        description="over-long SFT examples (tail cut) and preference pairs (prompt head cut)"
+    )
     non_alternating_roles: Literal["merge", "drop", "error"] = Field(
         description="consecutive same-role messages"
+    )
+    train_on: Literal["all_assistant_turns", "last_assistant_turn"] = Field(
+        description="which assistant turns are trained (the others are context)"
     )
     cache: bool = Field(description="cache tokenized splits")
     cache_dir: str = Field(description="where the cache lives")
@@ -111,6 +116,11 @@ class Dataset(Section):
     )
     answer_field: str | None = Field(default=None, description="column of the expected answer")
     task_field: str | None = Field(default=None, description="column for per-task accuracy")
+    exact_match: bool = Field(
+        default=True,
+        description="false: free-form replies (chat data), where an exact-match score means "
+        "nothing; evaluation.at_end defaults to this",
+    )
     max_train_examples: PositiveInt | None = Field(description="cap on train rows (null: all)")
     max_eval_examples: PositiveInt | None = Field(description="cap on eval rows (null: all)")
 
