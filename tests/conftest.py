@@ -74,6 +74,18 @@ QUICK = (
 )
 
 
+def user(content: str) -> dict[str, str]:
+    return {"role": "user", "content": content}
+
+
+def assistant(content: str) -> dict[str, str]:
+    return {"role": "assistant", "content": content}
+
+
+def system(content: str) -> dict[str, str]:
+    return {"role": "system", "content": content}
+
+
 def run_entrypoint(
     module: str,
     overrides: Sequence[str],

@@ -35,20 +35,10 @@ from post_training.data_sft.tokenize import ChatEncoder, TokenizeOptions
 from post_training.errors import DataError
 from post_training.utils.config import asset_path
 
+from .conftest import assistant, system, user
+
 DATA = Path(__file__).parent / "fixtures" / "data"
 LIMIT = 384  # model.max_seq_length of the truncation tests; the prompt limit is LIMIT - 1
-
-
-def user(text: str) -> dict[str, str]:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict[str, str]:
-    return {"role": "assistant", "content": text}
-
-
-def system(text: str) -> dict[str, str]:
-    return {"role": "system", "content": text}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

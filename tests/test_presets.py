@@ -38,7 +38,7 @@ from post_training.data_sft.dataset_config import load_train_eval
 from post_training.frame import validate
 from post_training.utils.config import CONFIGS_DIR, register_resolvers
 
-from .conftest import REPO
+from .conftest import REPO, assistant, system, user
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 LONG = ["model.max_seq_length=2048", "data.truncation=truncate"]
@@ -257,18 +257,6 @@ def test_exact_match_default_follows_the_scored_dataset() -> None:
 
 
 # --- Loading the samples (in process) ---------------------------------------------------------
-
-
-def user(content: str) -> dict[str, str]:
-    return {"role": "user", "content": content}
-
-
-def assistant(content: str) -> dict[str, str]:
-    return {"role": "assistant", "content": content}
-
-
-def system(content: str) -> dict[str, str]:
-    return {"role": "system", "content": content}
 
 
 def _sample_rows(preset: Preset) -> list[dict[str, Any]]:

@@ -18,17 +18,7 @@ from post_training.data_sft.transforms import (
 )
 from post_training.errors import DataError
 
-
-def user(text: str) -> dict[str, str]:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict[str, str]:
-    return {"role": "assistant", "content": text}
-
-
-def system(text: str) -> dict[str, str]:
-    return {"role": "system", "content": text}
+from .conftest import assistant, system, user
 
 
 def run(name: str, row: dict, **args) -> list[dict[str, str]]:
