@@ -305,6 +305,33 @@ def test_reference_logps_equal_a_plain_forward(artifacts: Path, tmp_path: Path, 
         assert all(v is not None for v in row["ref_completions_logps"])
 
 
+def test_a_pair_that_does_not_fit_is_left_out_not_left_unscored(
+    artifacts: Path, tmp_path: Path
+) -> None:
+    """Dropped by the length policy (data.truncation=drop): the row leaves the output (a row
+    without ref logps would stop train_preference), the rest is scored, the report says so."""
+    prompt = [{"role": "user", "content": "add 1+2"}]
+    rows = [
+        {"id": "fits", "prompt": prompt, "chosen": "3", "rejected": "5"},
+        {"id": "long", "prompt": prompt, "chosen": "3" * 2000, "rejected": "5"},
+    ]
+    rows = [
+        {**r, "chosen": [{"role": "assistant", "content": r["chosen"]}],
+         "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+        for r in rows
+    ]  # fmt: skip
+    out = stage(
+        "compute_ref_logprobs",
+        artifacts,
+        f"input={_jsonl(tmp_path / 'pairs.jsonl', rows)}",
+        "data.truncation=drop",
+    )
+    kept = rows_of(out)
+    assert [r["id"] for r in kept] == ["fits"] and kept[0]["ref_chosen_logps"] < 0
+    report = json.loads((out / "manifest.json").read_text())["report"]["pairs"]
+    assert report["scored"] == 1 and report["filter"]["dropped"] == {"too_long": 1}
+
+
 # --- compute_rewards ----------------------------------------------------------------------------
 
 

@@ -73,6 +73,21 @@ def run(cfg: DictConfig) -> Path:
                 row = paired[int(pair["row_index"])]
                 row["ref_chosen_logps"], row["ref_rejected_logps"] = float(c), float(r)
             report["pairs"] = {"scored": len(pairs), "filter": pair_report.as_dict()}
+            if len(pairs) < len(paired):
+                # A pair the length policy dropped has no reference log-probs; kept, it would stop
+                # train_preference ("has no 'ref_chosen_logps' while other rows have it"), and
+                # that run would drop it under the same data options anyway.
+                unscored = {id(r) for r in paired} - {
+                    id(paired[int(p["row_index"])]) for p in pairs
+                }
+                rows = [r for r in rows if id(r) not in unscored]
+                log.warning(
+                    "%s: %d of %d pairs do not fit (%s) and are left out of the output",
+                    STAGE,
+                    len(unscored),
+                    len(paired),
+                    pair_report.dropped and dict(pair_report.dropped),
+                )
         singles = [  # (row, slot, text): the reference answer and each reference completion
             (row, slot, text)
             for row in rows
