@@ -37,7 +37,15 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from post_training.data_sft.transforms import SHAREGPT_ROLES, FieldError, chat, register_in
+from post_training.data_sft.transforms import (
+    SHAREGPT_ROLES,
+    FieldError,
+    chat,
+    register_in,
+    required,
+    system_of,
+    with_system,
+)
 from post_training.errors import DataError
 
 PreferenceTransform = Callable[..., dict[str, Any]]
@@ -78,12 +86,6 @@ def as_messages(
     if value is None:
         raise FieldError(field, "missing field")
     return chat(value, field, role_key, content_key, role_map)
-
-
-def _required(row: Mapping[str, Any], field: str) -> Any:
-    if row.get(field) is None:
-        raise FieldError(field, "missing field")
-    return row[field]
 
 
 def _conversation_like(value: Any) -> bool:
@@ -179,7 +181,7 @@ def preference(
     layout = detect(row) if defaults else "preference"
     if layout != "preference":
         return PREFERENCE_TRANSFORMS[layout](row)
-    raw_chosen, raw_rejected = _required(row, chosen_field), _required(row, rejected_field)
+    raw_chosen, raw_rejected = required(row, chosen_field), required(row, rejected_field)
     chosen = as_messages(raw_chosen, chosen_field, "assistant")
     rejected = as_messages(raw_rejected, rejected_field, "assistant")
     raw_prompt = row.get(prompt_field) if prompt_field else None
@@ -231,12 +233,12 @@ def hh_rlhf(
         prompt = parse_hh(row[prompt_field], prompt_field)
         if prompt and prompt[-1]["role"] == "assistant" and not prompt[-1]["content"]:
             prompt = prompt[:-1]  # the trailing "Assistant:" the reply continues
-        chosen = as_messages(_required(row, chosen_field), chosen_field, "assistant")
-        rejected = as_messages(_required(row, rejected_field), rejected_field, "assistant")
+        chosen = as_messages(required(row, chosen_field), chosen_field, "assistant")
+        rejected = as_messages(required(row, rejected_field), rejected_field, "assistant")
         return _pair(prompt, [_strip(m) for m in chosen], [_strip(m) for m in rejected])
     sides = {}
     for field in (chosen_field, rejected_field):
-        value = _required(row, field)
+        value = required(row, field)
         if not isinstance(value, str):
             raise FieldError(
                 field, f"must be an HH-RLHF transcript string, got {type(value).__name__}"
@@ -287,17 +289,13 @@ def sharegpt_pairs(
     optional top-level ``system`` string; chosen / rejected are one ``{from, value}`` (or a
     list of them) from the assistant side."""
     roles = {**SHAREGPT_PAIR_ROLES, **(role_map or {})}
-    prompt = as_messages(_required(row, field), field, "user", "from", "value", roles)
-    system = row.get(system_field) if system_field else None
-    if system is not None and not isinstance(system, str):
-        raise FieldError(str(system_field), f"must be a string, got {type(system).__name__}")
-    if system and prompt[0]["role"] != "system":
-        prompt = [{"role": "system", "content": system}, *prompt]
+    prompt = as_messages(required(row, field), field, "user", "from", "value", roles)
+    prompt = with_system(prompt, system_of(row, system_field))
     chosen = as_messages(
-        _required(row, chosen_field), chosen_field, "assistant", "from", "value", roles
+        required(row, chosen_field), chosen_field, "assistant", "from", "value", roles
     )
     rejected = as_messages(
-        _required(row, rejected_field), rejected_field, "assistant", "from", "value", roles
+        required(row, rejected_field), rejected_field, "assistant", "from", "value", roles
     )
     return _pair(prompt, chosen, rejected)
 
@@ -312,14 +310,14 @@ def orca_pairs(
 ) -> dict[str, Any]:
     """Orca-style columns (Intel/orca_dpo_pairs): a system message when ``system`` is non-empty,
     the ``question`` as the user turn, and the ``chosen`` / ``rejected`` reply strings."""
-    prompt = as_messages(_required(row, question_field), question_field, "user")
+    prompt = as_messages(required(row, question_field), question_field, "user")
     system = row.get(system_field) if system_field else None
     if system is not None and not isinstance(system, str):
         raise FieldError(str(system_field), f"must be a string, got {type(system).__name__}")
     if system and system.strip():
         prompt = [{"role": "system", "content": system}, *prompt]
-    chosen = as_messages(_required(row, chosen_field), chosen_field, "assistant")
-    rejected = as_messages(_required(row, rejected_field), rejected_field, "assistant")
+    chosen = as_messages(required(row, chosen_field), chosen_field, "assistant")
+    rejected = as_messages(required(row, rejected_field), rejected_field, "assistant")
     return _pair(prompt, chosen, rejected)
 
 

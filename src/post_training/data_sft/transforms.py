@@ -210,10 +210,19 @@ def validate_canonical(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-def _with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict]:
+def with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict]:
+    """``messages`` after a system message of ``system_prompt`` (unless empty or one is first)."""
     if system_prompt and messages[0]["role"] != "system":
         return [{"role": "system", "content": system_prompt}, *messages]
     return messages
+
+
+def system_of(row: Mapping[str, Any], field: str | None) -> str | None:
+    """The optional top-level system prompt ``row[field]`` (a string or null)."""
+    system = row.get(field) if field else None
+    if system is not None and not isinstance(system, str):
+        raise FieldError(str(field), f"must be a string, got {type(system).__name__}")
+    return system
 
 
 # --- Built-in transforms ----------------------------------------------------------------------
@@ -253,10 +262,7 @@ def sharegpt(
     top-level system prompt."""
     roles = {**SHAREGPT_ROLES, **(role_map or {})}
     messages = chat(required(row, field), field, role_key, content_key, roles)
-    system = row.get(system_field) if system_field else None
-    if system is not None and not isinstance(system, str):
-        raise FieldError(str(system_field), f"must be a string, got {type(system).__name__}")
-    return {"messages": _with_system(messages, system)}
+    return {"messages": with_system(messages, system_of(row, system_field))}
 
 
 ALPACA_FIELDS = (("input", "output"), ("context", "response"))
@@ -291,7 +297,7 @@ def alpaca(
         {"role": "user", "content": user},
         {"role": "assistant", "content": string(row, output_field)},
     ]
-    return {"messages": _with_system(messages, system_prompt)}
+    return {"messages": with_system(messages, system_prompt)}
 
 
 @register_transform("prompt_completion")
@@ -319,7 +325,7 @@ def prompt_completion(
                     f"{completion_field}[{i}].role",
                     f"completion messages must be 'assistant', got {message['role']!r}",
                 )
-    return {"messages": _with_system(prompt_messages + completion_messages, system_prompt)}
+    return {"messages": with_system(prompt_messages + completion_messages, system_prompt)}
 
 
 QA_FIELDS = (
@@ -351,7 +357,7 @@ def qa(
         {"role": "user", "content": string(row, question_field)},
         {"role": "assistant", "content": string(row, answer_field)},
     ]
-    return {"messages": _with_system(messages, system_prompt)}
+    return {"messages": with_system(messages, system_prompt)}
 
 
 @register_transform("text")
