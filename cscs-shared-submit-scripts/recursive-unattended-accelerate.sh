@@ -133,6 +133,14 @@ rua_main() {
     else
       ua_log "run completed"
     fi
+  elif ((rc == 73)); then
+    # EXIT_CODE_LOCKED: another launch of this job holds its checkpoint dir and trains it (and
+    # has its own successor); retrying would only be refused again.
+    if [[ -n $successor ]]; then
+      scancel "$successor" && ua_log "another launch holds this job (exit 73): cancelled $successor"
+    else
+      ua_log "another launch holds this job (exit 73)"
+    fi
   elif [[ -n $successor ]]; then
     ua_log "attempt $attempt ended with exit code $rc: successor $successor takes over"
   else

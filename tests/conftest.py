@@ -36,6 +36,7 @@ SLOW_FILES = (
     "test_e2e_alignment.py",
     "test_slurm.py",
     "test_e2e_train.py",
+    "test_damaged_checkpoints.py",
     "test_config_errors.py",
     "test_real_families_train.py",
     "test_e2e_preference.py",
@@ -92,9 +93,11 @@ def run_entrypoint(
     artifacts: Path,
     check: bool = True,
     timeout: float = 900,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m post_training.<module>`` with artifacts under ``artifacts``."""
-    env = {**os.environ, "POST_TRAINING_ARTIFACTS_DIR": str(artifacts)}
+    """Run ``python -m post_training.<module>`` with artifacts under ``artifacts`` (``env``: extra
+    environment variables)."""
+    env = {**os.environ, "POST_TRAINING_ARTIFACTS_DIR": str(artifacts), **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", f"post_training.{module}", *overrides],
         cwd=REPO,
@@ -111,8 +114,10 @@ def run_entrypoint(
     return proc
 
 
-def start_entrypoint(module: str, overrides: Sequence[str], artifacts: Path) -> subprocess.Popen:
-    env = {**os.environ, "POST_TRAINING_ARTIFACTS_DIR": str(artifacts)}
+def start_entrypoint(
+    module: str, overrides: Sequence[str], artifacts: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    env = {**os.environ, "POST_TRAINING_ARTIFACTS_DIR": str(artifacts), **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", f"post_training.{module}", *overrides],
         cwd=REPO,

@@ -169,3 +169,39 @@ def test_qlora_is_refused_on_cpu_with_the_reason(artifacts: Path) -> None:
     with pytest.raises(ConfigError, match=r"set model_args\.use_peft=true"):
         check_quantization({}, {"use_peft": False, "load_in_4bit": True})
     assert not check_quantization({}, {"use_peft": True, "load_in_4bit": False})
+
+
+def test_a_missing_model_dir_or_uncached_hub_id_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    from post_training.modeling.loading import check_model_path, load_model, load_tokenizer
+
+    model = OmegaConf.to_container(compose_cfg([]).model, resolve=True)
+    monkeypatch.chdir(tmp_path)
+    for path, line in [
+        ("/does/not/exist", "model.tokenizer_name_or_path='/does/not/exist': no such directory"),
+        (
+            "models/sft/final",  # relative: to the working directory
+            f"model.tokenizer_name_or_path='models/sft/final': no such directory "
+            f"({tmp_path}/models/sft/final)",
+        ),
+        (
+            "no-such-org/no-such-model",  # a Hub id; HF_HUB_OFFLINE=1 in the tests
+            f"model.tokenizer_name_or_path='no-such-org/no-such-model': no such local directory "
+            f"({tmp_path}/no-such-org/no-such-model), and not in the offline Hub cache",
+        ),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_tokenizer({**model, "tokenizer_name_or_path": path})
+        assert str(err.value).startswith(line), str(err.value)
+    tokenizer = load_tokenizer(model)
+    with pytest.raises(ConfigError, match=r"^model.model_name_or_path='/does/not/exist': no such"):
+        load_model({**model, "model_name_or_path": "/does/not/exist"}, tokenizer)
+    (tmp_path / "weights.safetensors").write_text("")
+    with pytest.raises(ConfigError, match="is a file; give the model's directory"):
+        check_model_path("weights.safetensors", "model.model_name_or_path")
+    # A Hub id in the offline cache passes.
+    snapshot = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--org--name" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--name" / "refs" / "main").write_text("abc")
+    check_model_path("org/name", "model.model_name_or_path", cache_dir=str(tmp_path / "hub"))

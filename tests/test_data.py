@@ -62,3 +62,13 @@ def test_bad_rows_name_file_line_and_field(tmp_path: Path, line: str, message: s
     with pytest.raises(DataError) as err:
         read_jsonl_messages(path)
     assert message in str(err.value)
+
+
+def test_bytes_that_are_not_utf8_name_file_line_and_column(tmp_path: Path) -> None:
+    good = (
+        b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
+    )
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(good + b"\n" + good.replace(b'"a"', b'"\xff"') + b"\n")
+    with pytest.raises(DataError, match=r"data.jsonl:2: not UTF-8 text \(byte 0xff at column 44\)"):
+        read_jsonl_messages(path)

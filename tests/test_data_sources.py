@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, DatasetDict
 
+from post_training.data_sft.mixing import load_dataset_split
 from post_training.data_sft.sources import load, load_source, source_fingerprint, source_name
 from post_training.errors import DataError
 
@@ -167,6 +168,66 @@ def test_malformed_json_file_names_line(tmp_path: Path) -> None:
         load_source({"path": str(path)})
 
 
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        (
+            "bad.jsonl",
+            b'{"a": "x"}\n\n{"a": "\xc3\xa9\xff"}\n',
+            "bad.jsonl:3: not UTF-8 text (byte 0xff at column 9)",
+        ),
+        (
+            "bad.json",
+            b'[\n  {"a": "x"},\n  {"a": "\xff"}\n]\n',
+            "bad.json:3: not UTF-8 text (byte 0xff at column 10)",
+        ),
+        (
+            "bad.csv",
+            b"question,answer\nq,a\nq\xff,a\n",
+            "bad.csv:3: not UTF-8 text (byte 0xff at column 2)",
+        ),
+        ("bad.txt", b"fine\nnot \xfe fine\n", "bad.txt:2: not UTF-8 text (byte 0xfe at column 5)"),
+    ],
+)
+def test_bytes_that_are_not_utf8_name_file_line_and_column(
+    tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        load_source({"path": str(path)}, where="dataset.train")
+    assert str(err.value) == f"dataset.train: {tmp_path}/{message}; re-encode the file as UTF-8"
+
+
+def test_bytes_that_are_not_utf8_in_a_mixture_source(tmp_path: Path) -> None:
+    good = write_jsonl(tmp_path / "good.jsonl", ROWS)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"question": "q", "answer": "\xff"}\n')
+    spec = {
+        "sources": [{"path": str(good), "transform": "qa"}, {"path": str(bad), "transform": "qa"}]
+    }
+    with pytest.raises(DataError, match=rf"{bad}:1: not UTF-8 text \(byte 0xff at column 30\)"):
+        load_dataset_split(spec, where="dataset.train")
+
+
+def test_row_locations_are_one_based_in_every_format(tmp_path: Path) -> None:
+    parquet = tmp_path / "data.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), parquet)
+    assert load({"path": str(parquet)}).locate(0) == f"{parquet} row 1"
+    as_json = tmp_path / "data.json"
+    as_json.write_text(json.dumps(ROWS))
+    assert load({"path": str(as_json)}).locate(2) == f"{as_json} item 3"
+    as_csv = tmp_path / "data.csv"
+    as_csv.write_text("question,answer\nq,a\nr,b\n")
+    assert load({"path": str(as_csv)}).locate(1) == f"{as_csv}:3"  # line 1 is the header
+    saved = tmp_path / "saved"
+    Dataset.from_list(ROWS).save_to_disk(str(saved))
+    assert load({"path": str(saved)}).locate(0) == f"{saved}[train] row 1"
+    as_json.write_text(json.dumps([ROWS[0], "not an object"]))
+    with pytest.raises(DataError, match=r"data.json item 2: each item must be a JSON object"):
+        load({"path": str(as_json)})
+
+
 def test_fingerprint_follows_the_files(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "part-a.jsonl", ROWS)
     spec = {"path": str(tmp_path / "part-*.jsonl")}
@@ -232,7 +293,7 @@ def test_hub_dataset_loads_from_the_local_cache_offline(tmp_path: Path) -> None:
     assert load_source(spec).to_list() == ROWS
     assert load_source({**spec, "path": "post-training-tests/tiny"}).to_list() == ROWS
     assert source_fingerprint(spec) == source_fingerprint(dict(spec))
-    assert load(spec).locate(1) == "post-training-tests/tiny[train] row 1"
+    assert load(spec).locate(1) == "post-training-tests/tiny[train] row 2"  # 1-based
     with pytest.raises(DataError, match="split 'test'") as err:
         load_source({**spec, "split": "test"})
     assert "not in the local cache" not in str(err.value)

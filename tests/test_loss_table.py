@@ -402,8 +402,11 @@ def test_check_columns_names_split_row_and_column() -> None:
     with pytest.raises(DataError) as info:
         check_columns(loss, rows, "dataset.eval")
     message = str(info.value)
-    assert message.startswith("dataset.eval: row 3 (row_index 7) has no 'rejected_quantile_reward'")
-    assert "trainer.name=qrpo" in message
+    assert message.startswith(  # 1-based, and the columns the row has, not those it needs
+        "dataset.eval: row 3 (pair 8 of the source) has no 'rejected_quantile_reward' "
+        "(its data columns: chosen_quantile_reward): trainer.name=qrpo needs "
+        "chosen_quantile_reward and rejected_quantile_reward"
+    )
     with pytest.raises(DataError, match=r"^dataset.train: row 1 has no 'chosen_quantile_reward'"):
         check_columns(loss, [{}], "dataset.train")
     check_columns(build_loss(dpo_section()), [{}], "dataset.train")  # nothing required

@@ -12,7 +12,11 @@ import torch
 from transformers import AutoTokenizer
 
 from post_training.data_preference.encode import PairReport, encode_pairs
-from post_training.data_preference.pairs import load_preference_pairs, load_preference_rows
+from post_training.data_preference.pairs import (
+    load_preference_pairs,
+    load_preference_rows,
+    validate_pair,
+)
 from post_training.data_preference.transforms import preference, tiny_task_pairs
 from post_training.data_sft.collate import pad_collate
 from post_training.data_sft.tokenize import ChatEncoder, TokenizeOptions, tokenize_chat
@@ -90,6 +94,25 @@ def test_bad_pairs_name_file_row_and_field(tmp_path: Path, row: dict, message: s
     with pytest.raises(DataError) as err:
         load_preference_rows({"path": path}, "dataset.train")
     assert "pairs.jsonl" in str(err.value) and message in str(err.value)
+
+
+def test_pair_files_with_bytes_that_are_not_utf8_name_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.csv"
+    path.write_bytes(b"prompt,chosen,rejected\nq,a,b\nq,\xe9,b\n")  # Latin-1, not UTF-8
+    with pytest.raises(DataError) as err:
+        load_preference_rows({"path": str(path)}, "dataset.train")
+    assert str(err.value) == (
+        f"dataset.train: {path}:3: not UTF-8 text (byte 0xe9 at column 3); "
+        "re-encode the file as UTF-8"
+    )
+
+
+def test_a_pair_missing_a_field_lists_the_fields_it_has() -> None:
+    with pytest.raises(DataError) as err:  # e.g. a user transform that returns no 'rejected'
+        validate_pair({"prompt": "q", "chosen": "a", "chosen_reward": 1.0}, None)
+    assert str(err.value) == (
+        "field 'rejected': missing field (the pair's fields present: prompt, chosen, chosen_reward)"
+    )
 
 
 def test_pairs_with_an_empty_reply_are_dropped_and_counted(tmp_path: Path) -> None:

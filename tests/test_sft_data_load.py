@@ -129,3 +129,38 @@ def test_inspect_shows_every_stage_and_token_stats(tmp_path) -> None:
     assert set(stats["prompt_length"]) == {"p50", "p90", "p99", "p100"}
     assert 0.5 < stats["packing"]["efficiency"] <= 1.0
     assert (stats_file.parent / "token_stats.png").stat().st_size > 1000
+
+
+def test_rows_with_an_empty_user_or_assistant_turn_are_dropped_and_counted(
+    tmp_path, caplog
+) -> None:
+    def chat(question: str, reply: str, system: str | None = None) -> dict:
+        turns = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+        return {
+            "messages": ([{"role": "system", "content": system}] if system is not None else [])
+            + turns
+        }
+
+    rows = [
+        chat("add 1+2", "3"),
+        chat("", "4"),  # empty user turn
+        chat("add 2+2", " \n"),  # whitespace-only reply
+        chat("add 3+3", "6", system=""),  # an empty system prompt is no turn to learn: kept
+        chat("add 4+4", "8"),
+    ]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _config(tmp_path)
+    cfg["dataset"]["train"] = {"path": str(data), "transform": "messages"}
+    cfg["dataset"]["eval"] = {"path": str(data), "transform": "messages"}
+    tokenizer = load_tokenizer(cfg["model"])
+    with caplog.at_level("INFO", logger="post_training.data_sft.training_data"):
+        loaded = load_sft_data(cfg, tokenizer)
+    for split in ("train", "eval"):
+        report = loaded.reports[split]
+        assert report["dropped"] == {"empty_user_turn": 1, "empty_assistant_turn": 1}
+        assert report["total"] == 5 and report["kept"] == 3
+    assert "dropped: empty_assistant_turn: 1, empty_user_turn: 1" in caplog.text
+    assert len(loaded.train) == len(loaded.eval) == 3
+    replies = [r["messages"][-1]["content"] for r in loaded.eval_rows]
+    assert replies == ["3", "6", "8"]  # the dropped rows are absent

@@ -173,8 +173,35 @@ def test_row_index_named_for_a_saved_dataset(tmp_path: Path) -> None:
     Dataset.from_list([{"messages": [user("q"), assistant("a")]}, {"messages": None}]).save_to_disk(
         str(saved)
     )
-    with pytest.raises(DataError, match=r"saved\[train\] row 1: field 'messages': missing field"):
-        load_dataset_split({"path": str(saved)})
+    with pytest.raises(DataError, match=r"saved\[train\] row 2: field 'messages': missing field"):
+        load_dataset_split({"path": str(saved)})  # the second row: 1-based
+    with pytest.raises(DataError, match=r"^mem row 2: field 'messages': missing field"):
+        apply_transform(
+            Dataset.from_list([{"messages": [user("q"), assistant("a")]}, {}]), where="mem"
+        )
+
+
+def test_qa_missing_answer_column_names_the_answer_field(tmp_path: Path) -> None:
+    path = tmp_path / "qa.csv"
+    path.write_text("question\nadd 1+2\n")
+    with pytest.raises(DataError) as err:
+        load_dataset_split({"path": str(path), "transform": "qa"}, where="dataset.train")
+    assert str(err.value).endswith(
+        f": {path}:2: field 'answer': missing field (paired with 'question') (transform 'qa'; "
+        "fields present: question; the data has no column 'answer')"
+    )
+    # Rows of one file share one schema: each row's own pair is found, a half pair named.
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [{"question": "q", "answer": "a"}, {"input": "i", "output": "o"}, {"input": "j"}],
+    )
+    with pytest.raises(DataError) as err:
+        load_dataset_split({"path": str(path), "transform": "qa"})
+    assert f"{path}:3: field 'output': missing field (paired with 'input')" in str(err.value)
+    assert str(err.value).endswith("(transform 'qa'; fields present: input)")
+    write_jsonl(path, [{"question": "q", "answer": "a"}, {"input": "i", "output": "o"}])
+    ds, _ = load_dataset_split({"path": str(path), "transform": "qa"})
+    assert [r["messages"][1]["content"] for r in ds] == ["a", "o"]
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,8 @@ value stops the launch with one line naming the key, the value and the rule.
 
 :func:`entrypoint` wraps ``@hydra.main`` for every entrypoint: a :class:`ProjectError` (config,
 data) prints one line and exits 2, without a traceback (``HYDRA_FULL_ERROR=1`` or
-``debug.traceback=true`` shows it); other exceptions keep theirs.
+``debug.traceback=true`` shows it; a second launch of a running job exits 73,
+:data:`post_training.utils.job_lock.EXIT_CODE_LOCKED`); other exceptions keep theirs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from post_training.errors import ProjectError
-from post_training.schema import check
 from post_training.utils.config import CONFIGS_DIR, register_resolvers, to_container
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def report_project_errors(run: Callable[[DictConfig], int | None], cfg: DictConf
         if wants_traceback(cfg):
             raise
         print(f"error: {error}", file=sys.stderr, flush=True)
-        return EXIT_CODE_PROJECT_ERROR
+        return getattr(error, "exit_code", EXIT_CODE_PROJECT_ERROR)
     return code if isinstance(code, int) else 0  # some entrypoints return what they wrote
 
 
@@ -105,6 +105,7 @@ def validate(cfg: DictConfig) -> Any:
     checked too (no data is read); raises a :class:`~post_training.errors.ConfigError` before
     anything is written. Idempotent."""
     from post_training.data_sft.dataset_config import check_dataset_config
+    from post_training.schema import check
 
     apply_debug(cfg)
     typed = check(to_container(cfg))
@@ -135,16 +136,34 @@ class Frame:
 
 
 def begin(cfg: DictConfig) -> Frame:
-    """Validate, then accelerator and seed, run dir (+ resume target), tokenizer."""
+    """Lock the resume target, validate, then accelerator and seed, run dir (+ the checkpoint
+    to resume from), tokenizer. The lock comes first, before torch is even imported, so that a
+    second launch of a running job exits within a second or two (exit 73,
+    :mod:`post_training.utils.job_lock`); it creates nothing before validation (a job that has
+    no checkpoint dir yet is locked by ``setup_run``, after it)."""
+    from post_training.utils.run import lock_resume_target, setup_run
+
+    apply_debug(cfg)  # the resume target is the hash of the config as it will run
+    try:
+        resolved = to_container(cfg)
+    except Exception:  # an unresolvable config: validation names it; the lock waits for setup_run
+        resolved = None
+    if resolved is not None:
+        lock_resume_target(resolved, only_if_exists=True)
+    args = validate(cfg)
+
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from post_training.modeling.loading import check_quantization, load_tokenizer
-    from post_training.utils.run import setup_run
+    from post_training.modeling.loading import (
+        check_model_paths,
+        check_quantization,
+        load_tokenizer,
+    )
 
-    args = validate(cfg)
     check_quantization(args.model.model_dump(), args.model_args.model_dump())
+    check_model_paths(args.model.model_dump())  # before the run dir is written
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # several CPU processes (gloo) under torchrun

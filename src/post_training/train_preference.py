@@ -14,19 +14,20 @@ import logging
 
 from omegaconf import DictConfig
 
-from post_training.data_preference.encode import describe_reports, load_preference_data
 from post_training.frame import begin, entrypoint, finish, load_policy
-from post_training.losses.table import PREFERENCE_LOSSES, build_loss, check_columns
-from post_training.modeling.loading import is_peft_model
-from post_training.trainers.preference import PreferenceTrainer
-from post_training.trainers.reference import Reference
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> int:
     """Train and evaluate; returns the process exit code."""
-    frame = begin(cfg)
+    frame = begin(cfg)  # before torch is imported: a duplicate launch exits at once (exit 73)
+    from post_training.data_preference.encode import describe_reports, load_preference_data
+    from post_training.losses.table import PREFERENCE_LOSSES, build_loss, check_columns
+    from post_training.modeling.loading import is_peft_model
+    from post_training.trainers.preference import PreferenceTrainer
+    from post_training.trainers.reference import Reference
+
     loss = build_loss(frame.args.trainer, PREFERENCE_LOSSES)
     with frame.accelerator.main_process_first():
         train, eval_pairs, reports = load_preference_data(frame.config, frame.tokenizer)

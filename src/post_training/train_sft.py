@@ -12,15 +12,16 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from post_training.data_sft.training_data import load_sft_data
 from post_training.frame import begin, entrypoint, finish, load_policy
-from post_training.losses.table import SFT_LOSSES, build_loss
-from post_training.trainers.sft import SFTTrainer
 
 
 def run(cfg: DictConfig) -> int:
     """Train and evaluate; returns the process exit code."""
-    frame = begin(cfg)
+    frame = begin(cfg)  # before torch is imported: a duplicate launch exits at once (exit 73)
+    from post_training.data_sft.training_data import load_sft_data
+    from post_training.losses.table import SFT_LOSSES, build_loss
+    from post_training.trainers.sft import SFTTrainer
+
     loss = build_loss(frame.args.trainer, SFT_LOSSES)
     data = load_sft_data(
         frame.config,

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from post_training.errors import ConfigError, DataError
-from post_training.utils.atomic import atomic_dir
+from post_training.utils.atomic import TMP_PREFIX, atomic_dir
+from post_training.utils.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,24 @@ def write_rows(
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 count += 1
+        failpoint("partition-rows-written")
         full = {**manifest, "rows": count, "versions": versions()}
         (tmp / MANIFEST_FILE).write_text(json.dumps(full, indent=2, default=str) + "\n")
+
+
+def remove_partition_temporaries(output_dir: Path, name: str) -> int:
+    """Remove the temporaries a killed write of partition ``name`` left in ``output_dir``
+    (``.tmp-<pid>-<tag>-<name>``; the caller holds the partition's lock); how many."""
+    pattern = re.compile(rf"^{re.escape(TMP_PREFIX)}\d+-[0-9a-f]{{8}}-{re.escape(name)}$")
+    if not output_dir.is_dir():
+        return 0
+    stale = [p for p in output_dir.iterdir() if pattern.match(p.name)]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def replace_dir(directory: Path, overwrite: bool, what: str) -> None:

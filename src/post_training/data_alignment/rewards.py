@@ -92,10 +92,12 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from post_training.data_sft.templates import ChatTemplate, resolve_template
-        from post_training.modeling.loading import torch_dtype
+        from post_training.modeling.loading import check_model_path, torch_dtype
 
         path = options["model_name_or_path"]
         tokenizer_path = options.get("tokenizer_name_or_path") or path
+        check_model_path(path, "reward.model.model_name_or_path")
+        check_model_path(tokenizer_path, "reward.model.tokenizer_name_or_path")
         self.where = f"reward.model ({path})"
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.model = AutoModelForSequenceClassification.from_pretrained(

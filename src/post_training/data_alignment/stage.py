@@ -40,10 +40,17 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from post_training.data_alignment.partitions import Partition, StageOutput, partition_from_config
+from post_training.data_alignment.partitions import (
+    Partition,
+    StageOutput,
+    partition_from_config,
+    remove_partition_temporaries,
+)
 from post_training.data_sft.tokenize import ChatEncoder, TokenizeOptions
 from post_training.errors import DataError
+from post_training.utils import job_lock
 from post_training.utils.config import config_hash, register_resolvers, to_container
+from post_training.utils.run import lock_settings
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -79,6 +86,23 @@ def stage_output(
     )
     output.check_siblings()
     return output
+
+
+def lock_partition(config: Mapping[str, Any], output: StageOutput, create: bool = False) -> None:
+    """One run per partition: the main process takes the partition's lock in the output dir
+    (``.lock-<partition>``; :mod:`post_training.utils.job_lock`), then removes what a killed
+    run of this partition left (its ``.tmp-<pid>-...`` temporaries). Other partitions of the
+    same stage run alongside, each under its own lock. A run that fails leaves no output dir:
+    without ``create`` (at the start) a missing output dir is not created — no earlier run, so
+    nothing to clean — and the lock is taken before the write (``create``) instead."""
+    if job_lock.launch_rank() != 0 or (not create and not output.output_dir.is_dir()):
+        return
+    resuming = config.get("resuming") or {}
+    name = output.partition.name
+    job_lock.acquire(output.output_dir, lock_settings(resuming), name=f".lock-{name}")
+    removed = remove_partition_temporaries(output.output_dir, name)
+    if removed:
+        log.info("Removed %d temporaries of %s left by a killed run", removed, name)
 
 
 def model_identity(model_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -133,6 +157,7 @@ def open_stage(
     start, makes the accelerator, and on a clean exit writes ``out.rows`` with the manifest
     (``settings``, ``inputs``, ``out.report``) from the main process only."""
     output = stage_output(config, stage, settings, inputs)
+    lock_partition(config, output)
     if output.is_complete():
         log.info("%s: %s is complete; skipping", stage, output.path)
         yield OpenStage(output, done=True)
@@ -143,6 +168,7 @@ def open_stage(
     if out.rows is None or out.report is None:
         raise RuntimeError(f"{stage}: the stage left its block without setting rows and report")
     if out.accelerator.is_main_process:
+        lock_partition(config, output, create=True)  # idempotent: taken at the start if it could
         output.write(
             out.rows, settings=settings, inputs=inputs, report=out.report, started=out.started
         )

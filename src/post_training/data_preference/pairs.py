@@ -25,7 +25,12 @@ import numpy as np
 
 from post_training.data_preference.transforms import PREFERENCE_TRANSFORMS, as_messages
 from post_training.data_sft.sources import load, resolve
-from post_training.data_sft.transforms import FieldError, get_transform, import_transform_module
+from post_training.data_sft.transforms import (
+    FieldError,
+    fields_present,
+    get_transform,
+    import_transform_module,
+)
 from post_training.errors import DataError
 
 
@@ -82,6 +87,8 @@ def validate_pair(row: Mapping[str, Any], ref_rewards_count: int | None) -> dict
     try:
         out = _pair_messages(row)
     except FieldError as err:
+        if err.problem == "missing field":  # the transform's result lacks it, not the raw row
+            raise DataError(f"{err} (the pair's {fields_present(row)})") from None
         raise DataError(str(err)) from None
     if out["prompt"][-1]["role"] == "assistant":
         raise DataError("field 'prompt' must end before the reply (its last turn is assistant)")
@@ -130,10 +137,6 @@ def _row_locator(spec: Mapping[str, Any], loaded_locate: Locate, where: str) -> 
     return lambda index: f"{spec['path']} row {index + 1}"
 
 
-def _fields_present(row: Mapping[str, Any]) -> str:
-    return ", ".join(k for k, v in row.items() if v is not None)
-
-
 def transform_pair(
     transform: Callable[..., Any], name: str, row: Mapping[str, Any], args: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -144,15 +147,12 @@ def transform_pair(
         if not isinstance(pair, Mapping):
             raise FieldError("prompt", f"transform returned {type(pair).__name__}, not a pair")
     except FieldError as err:
-        raise DataError(
-            f"{err} (transform '{name}'; fields present: {_fields_present(row)})"
-        ) from None
+        raise DataError(f"{err} (transform '{name}'; {fields_present(row, err)})") from None
     except DataError:
         raise
     except Exception as err:
         raise DataError(
-            f"transform '{name}' failed with {type(err).__name__}: {err} "
-            f"(fields present: {_fields_present(row)})"
+            f"transform '{name}' failed with {type(err).__name__}: {err} ({fields_present(row)})"
         ) from err
     pair = dict(pair)
     for column in (*FLOAT_COLUMNS, "ref_rewards"):  # carried over unless transformed

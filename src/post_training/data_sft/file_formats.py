@@ -1,15 +1,18 @@
 """Read local data files (JSON lines, JSON, Parquet, CSV, text) into Arrow tables.
 
 Every reader returns a :class:`FileTable`: the rows as a ``pyarrow.Table`` and a ``locate``
-function from a row index to a human location (``data.jsonl:12``, ``data.json item 3``), used
-by error messages downstream. Malformed input raises :class:`DataError` naming the file and the
-line (or item, or record).
+function from a row index to a human location, 1-based (``data.jsonl:12``, ``data.json item 3``,
+``data.parquet row 5``), used by error messages downstream. Malformed input raises
+:class:`DataError` naming the file and the line (or item, or record). Text files must be UTF-8:
+undecodable bytes are reported with the 1-based line and column of the first one
+(:func:`decode_utf8`).
 
 * ``.jsonl``: pyarrow's multi-threaded JSON reader is the fast path. If it fails (malformed line,
   a field whose type changes between lines) or infers a timestamp from a string (it does that
   for ISO dates, which would change the text), the file is re-read line by line with ``json``:
   the first malformed line is reported with its 1-based number, else the rows are converted
-  column by column so that a field of incompatible types is named.
+  column by column so that a field of incompatible types is named. Arrow accepts bytes that are
+  not UTF-8, so the fast path's strings are validated too (a failure takes the exact path).
 * ``.json``: a list of objects, an object whose ``json_field`` key holds that list, or JSON lines.
 * ``.csv``: a header row, then one row per record; every cell is read as a string (empty cell:
   ``""``, missing trailing cell: null), so numbers-looking text is never converted.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import io
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -108,12 +112,30 @@ def read_file(
             table = pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as err:
             raise DataError(f"{path}: not a readable Parquet file ({err})") from None
-        return FileTable(table, lambda i: f"{path} row {i}")
+        return FileTable(table, lambda i: f"{path} row {i + 1}")
     if fmt == "csv":
         return read_csv(path)
     if fmt == "text":
         return read_text(path, text_split)
     raise DataError(f"{path}: unknown format '{fmt}'; known formats: {', '.join(FORMATS)}")
+
+
+# --- UTF-8 ------------------------------------------------------------------------------------
+
+
+def decode_utf8(data: bytes, path: Path, first_line: int = 1) -> str:
+    """``data`` (the text of ``path`` from line ``first_line`` on) decoded as UTF-8; undecodable
+    bytes raise :class:`DataError` naming the 1-based line and column of the first one."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        line = first_line + data.count(b"\n", 0, err.start)
+        column = len(data[line_start : err.start].decode("utf-8")) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}); "
+            "re-encode the file as UTF-8"
+        ) from None
 
 
 # --- JSON lines -------------------------------------------------------------------------------
@@ -150,14 +172,15 @@ def parse_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
         for lineno, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
+            text = decode_utf8(raw, path, lineno)
+            if lineno == 1:
+                text = text.removeprefix("\ufeff")  # a byte-order mark
             try:
-                row = json.loads(raw.rstrip(b"\r\n"))
+                row = json.loads(text)
             except json.JSONDecodeError as err:
                 raise DataError(
                     f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})"
                 ) from None
-            except ValueError as err:  # undecodable bytes
-                raise DataError(f"{path}:{lineno}: cannot decode the line ({err})") from None
             if not isinstance(row, dict):
                 raise DataError(
                     f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}"
@@ -174,6 +197,7 @@ def read_jsonl(path: Path) -> FileTable:
             path, read_options=pa_json.ReadOptions(block_size=_JSON_BLOCK_SIZE)
         )
         if not any(_has_timestamp(field.type) for field in table.schema):
+            table.validate(full=True)  # strings must be UTF-8 (ArrowInvalid otherwise)
             return FileTable(table, _jsonl_locator(path))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError):
         pass
@@ -250,7 +274,7 @@ def rows_to_table(rows: Sequence[dict[str, Any]], locate: Locate, what: str) -> 
 
 def read_json(path: Path, json_field: str | None = None) -> FileTable:
     """A JSON file: a list of objects, ``{json_field: [objects]}``, or JSON lines."""
-    text = path.read_text(encoding="utf-8")
+    text = decode_utf8(path.read_bytes(), path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -276,11 +300,12 @@ def read_json(path: Path, json_field: str | None = None) -> FileTable:
     for index, item in enumerate(data):
         if not isinstance(item, dict):
             raise DataError(
-                f"{path} item {index}: each item must be a JSON object, got {type(item).__name__}"
+                f"{path} item {index + 1}: each item must be a JSON object, "
+                f"got {type(item).__name__}"
             )
 
     def locate(index: int) -> str:
-        return f"{path} item {index}"
+        return f"{path} item {index + 1}"
 
     return FileTable(rows_to_table(data, locate, str(path)), locate)
 
@@ -290,7 +315,7 @@ def read_json(path: Path, json_field: str | None = None) -> FileTable:
 
 def read_csv(path: Path) -> FileTable:
     """A CSV file with a header row; every cell a string (see module docs)."""
-    with path.open(encoding="utf-8", newline="") as handle:
+    with io.StringIO(decode_utf8(path.read_bytes(), path), newline="") as handle:
         reader = csv.DictReader(handle)
         header = reader.fieldnames
         if not header:
@@ -313,10 +338,7 @@ def read_text(path: Path, text_split: str = "file") -> FileTable:
     """A text file as rows of ``text``: one per file, per non-blank line, or per paragraph."""
     if text_split not in TEXT_SPLITS:
         raise DataError(f"{path}: text_split must be one of {TEXT_SPLITS}, got {text_split!r}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err})") from None
+    text = decode_utf8(path.read_bytes(), path).replace("\r\n", "\n").replace("\r", "\n")
     if text_split == "file":
         return FileTable(pa.table({"text": pa.array([text], pa.string())}), lambda i: str(path))
     if text_split == "line":

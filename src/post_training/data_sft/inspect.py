@@ -98,7 +98,11 @@ def samples(config: Mapping[str, Any], split: str, num_samples: int) -> str:
         )
         report = FilterReport()
         examples, _ = encoder.encode(
-            [row["messages"]], split, report, locate=lambda _, n=i: f"{split}: row {n + 1}"
+            [row["messages"]],
+            split,
+            report,
+            locate=lambda _, n=i: f"{split}: row {n + 1}",
+            drop_empty_turns=True,  # as the training data
         )
         if not examples:
             lines.append(f"--- dropped: {dict(report.dropped)} ---")
@@ -189,7 +193,9 @@ def token_stats(config: Mapping[str, Any], split: str) -> dict[str, Any]:
     _, encoder, _ = _encoder(config)
     ds = _split(config, split)
     report = FilterReport()
-    examples, index = encoder.encode(iter_messages(ds), f"dataset {split}", report)
+    examples, index = encoder.encode(
+        iter_messages(ds), f"dataset {split}", report, drop_empty_turns=True
+    )
     sources = ds["source"] if "source" in ds.column_names else ["-"] * len(ds)
     total = np.array([len(e["input_ids"]) for e in examples])
     completion = np.array([int(e["completion_mask"].sum()) for e in examples])

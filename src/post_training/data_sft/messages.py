@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from post_training.data_sft.file_formats import decode_utf8
 from post_training.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -33,10 +34,11 @@ def read_jsonl_messages(path: str | Path, messages_field: str = "messages") -> l
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     rows: list[dict] = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
+            line = decode_utf8(raw, path, lineno)
             where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)

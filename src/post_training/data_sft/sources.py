@@ -17,7 +17,8 @@ top level is an object). The mixture keys (``transform``, ``weight``, ...) are r
   directory saved with ``save_to_disk``;
 * ``org/name`` that is not a local path: a Hub dataset.
 
-Relative paths are relative to the working directory.
+Relative paths are relative to the working directory. Row locations (``LoadedSource.locate``)
+are 1-based: ``file:line``, ``file item N``, ``file row N``, ``id[split] row N``.
 """
 
 from __future__ import annotations
@@ -252,7 +253,7 @@ def load(spec: Mapping[str, Any], where: str = "dataset") -> LoadedSource:
         split = spec.get("split") or "train"
 
         def locate(index: int, _label: str = f"{ref.target}[{split}]") -> str:
-            return f"{_label} row {index}"
+            return f"{_label} row {index + 1}"
 
     if len(dataset) == 0:
         raise DataError(f"{where}: '{spec['path']}' has no rows")

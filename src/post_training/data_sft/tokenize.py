@@ -39,6 +39,13 @@ a completion token iff it overlaps a trained span, so every completion character
 where a subword merges across the boundary (e.g. BPE's ``" answer"`` after ``"Assistant:"``);
 such tokens are counted in the report. Rows in errors are 1-based (or the source's own
 ``file:line`` when the caller passes a locator).
+
+Filters: an example is dropped, and counted in the :class:`FilterReport` per reason, when it is
+empty, starts with an assistant turn, has a system message after the first, non-alternating
+roles (``data.non_alternating_roles=drop``), no completion (before or after truncation), or is
+too long (``data.truncation=drop``); with ``drop_empty_turns`` (the SFT training data), also
+when a user or assistant turn's content is empty or whitespace only (``empty_user_turn``,
+``empty_assistant_turn``): such a turn teaches nothing, or to reply with nothing.
 """
 
 from __future__ import annotations
@@ -129,11 +136,16 @@ class _Skip(Exception):
 
 
 def fix_roles(
-    messages: Sequence[Mapping[str, Any]], options: TokenizeOptions, where: str
+    messages: Sequence[Mapping[str, Any]],
+    options: TokenizeOptions,
+    where: str,
+    drop_empty: bool = False,
 ) -> tuple[list[dict[str, str]], bool]:
     """Validate roles; merge (or drop / refuse) consecutive messages of the same role.
 
-    A system message is allowed only first. Returns the messages and whether any were merged.
+    A system message is allowed only first. With ``drop_empty``, a user or assistant message
+    whose content is empty or whitespace only drops the example (``empty_<role>_turn``).
+    Returns the messages and whether any were merged.
     """
     out: list[dict[str, str]] = []
     merged = False
@@ -145,6 +157,8 @@ def fix_roles(
             raise DataError(f"{where}: messages[{i}].content is {type(content).__name__}, not str")
         if role == TEXT_ROLE and len(messages) != 1:
             raise DataError(f"{where}: a 'text' message must be the only message of its row")
+        if drop_empty and role in ("user", "assistant") and not content.strip():
+            raise _Skip(f"empty_{role}_turn")
         if role == "system" and i > 0:
             if options.role_fix == "error":
                 raise DataError(f"{where}: messages[{i}] is a system message after the first")
@@ -366,13 +380,15 @@ class ChatEncoder:
         where: str = "dataset",
         report: FilterReport | None = None,
         locate: Callable[[int], str] | None = None,
+        drop_empty_turns: bool = False,
     ) -> tuple[list[dict[str, np.ndarray]], list[int]]:
         """Tokenized examples and, for each, the index of its conversation in the input.
 
         An item ``(messages, train_from)`` trains only the replies after
         ``messages[:train_from]`` (a preference prompt may hold earlier assistant turns).
-        Errors name ``locate(index)`` (e.g. the source's ``file:line``), else ``where`` and the
-        1-based row."""
+        ``drop_empty_turns``: drop (and count) a conversation with an empty or whitespace-only
+        user or assistant turn (see :func:`fix_roles`). Errors name ``locate(index)`` (e.g. the
+        source's ``file:line``), else ``where`` and the 1-based row."""
         report = report if report is not None else FilterReport()
         examples: list[dict[str, np.ndarray]] = []
         kept_index: list[int] = []
@@ -400,7 +416,7 @@ class ChatEncoder:
             try:
                 if not messages:
                     raise _Skip("empty")
-                fixed, merged = fix_roles(messages, self.options, row_where)
+                fixed, merged = fix_roles(messages, self.options, row_where, drop_empty_turns)
                 text, sp = self.render(fixed, row_where)
                 if train_from:
                     sp = self._only_after_prompt(messages, train_from, text, sp, row_where)

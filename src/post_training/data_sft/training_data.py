@@ -40,7 +40,8 @@ from post_training.utils.config import config_hash
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: tokenizer-template masks from the full rendering, no text after EOT
+CACHE_VERSION = 3  # 2: tokenizer-template masks from the full rendering, no text after EOT;
+# 3: examples with an empty user / assistant turn dropped (empty_user_turn, empty_assistant_turn)
 READ_BATCH = 2048
 
 
@@ -133,7 +134,8 @@ def _load_split(directory: Path) -> tuple[list[dict[str, np.ndarray]], list[int]
 def row_locator(spec: Any, ds: Any, sources: Mapping[str, Any], where: str) -> Callable[[int], str]:
     """Where row ``index`` of a canonical split comes from, for errors: the source's own location
     (``file:line``) when the split is one source's rows in file order (no shuffle, no amount),
-    else its source name and path and the 1-based row of the split. Called only on an error."""
+    else its source name and path and the 1-based row of the split. The encoder calls it for
+    every row (its location string): an exact source is read once, on the first call."""
     exact = (
         isinstance(spec, Mapping)
         and "path" in spec
@@ -141,9 +143,13 @@ def row_locator(spec: Any, ds: Any, sources: Mapping[str, Any], where: str) -> C
         and all(spec.get(k) is None for k in ("count", "fraction", "weight"))
     )
 
+    loaded: list[Any] = []  # the source, read once on the first call (not once per row)
+
     def locate(index: int) -> str:
         if exact:
-            return f"{where}: {load(spec, where).locate(index)}"
+            if not loaded:
+                loaded.append(load(spec, where))
+            return f"{where}: {loaded[0].locate(index)}"
         name = ds[index].get("source") if "source" in ds.column_names else None
         path = (sources.get(name) or {}).get("path") if name is not None else None
         origin = f" (source '{name}': {path})" if path is not None else ""
@@ -174,7 +180,9 @@ def _tokenize_splits(
         if isinstance(spec, Mapping) and "from_train" in spec:  # rows of the train sources
             spec, part = None, load_report.get("train") or {}
         locate = row_locator(spec, ds, part.get("sources") or {}, f"dataset.{split}")
-        examples, index = encoder.encode(iter_messages(ds), f"dataset.{split}", report, locate)
+        examples, index = encoder.encode(
+            iter_messages(ds), f"dataset.{split}", report, locate, drop_empty_turns=True
+        )
         log.info(report.summary(f"{split} split"))
         out[split] = (examples, index, report.as_dict())
     return out

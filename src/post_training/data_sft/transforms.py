@@ -119,6 +119,23 @@ def get_transform(
 # --- Helpers for transforms -------------------------------------------------------------------
 
 
+def has(row: Mapping[str, Any], field: str) -> bool:
+    """Whether ``row`` holds a non-null ``field`` (the rows of a source share one schema, so a
+    key that some rows lack reads as ``None`` in them)."""
+    return row.get(field) is not None
+
+
+def fields_present(row: Mapping[str, Any], error: FieldError | None = None) -> str:
+    """``fields present: a, b`` (the non-null fields of ``row``), for row errors; when ``error``
+    is a missing field that is not even a key of the row, it adds that the data has no such
+    column (no row has it: e.g. a CSV header or a Parquet schema without it)."""
+    present = ", ".join(k for k, v in row.items() if v is not None) or "none"
+    note = ""
+    if error is not None and error.problem.startswith("missing field") and error.field not in row:
+        note = f"; the data has no column '{error.field}'"
+    return f"fields present: {present}{note}"
+
+
 def required(row: Mapping[str, Any], field: str) -> Any:
     """``row[field]``; a missing or null field raises :class:`FieldError`."""
     value = row.get(field)
@@ -284,7 +301,7 @@ def alpaca(
     instruction, plus a blank line and the input (context) when it is non-empty; assistant =
     output (response); an optional constant ``system_prompt`` first."""
     if input_field is None or output_field is None:
-        pair = next((p for p in ALPACA_FIELDS if p[1] in row), ALPACA_FIELDS[0])
+        pair = next((p for p in ALPACA_FIELDS if has(row, p[1])), ALPACA_FIELDS[0])
         input_field = input_field or pair[0]
         output_field = output_field or pair[1]
     user = string(row, instruction_field)
@@ -344,15 +361,22 @@ def qa(
     answer_field: str | None = None,
     system_prompt: str | None = None,
 ) -> dict[str, Any]:
-    """Question / answer: one user and one assistant message. Without explicit fields, the first
-    pair of :data:`QA_FIELDS` present in the row is used."""
+    """Question / answer: one user and one assistant message. A field not given is taken from
+    the first pair of :data:`QA_FIELDS` whose two fields the row holds (non-null); when the row
+    holds only one field of a pair, the error names the other one, the missing one."""
     if question_field is None or answer_field is None:
-        pair = next((p for p in QA_FIELDS if p[0] in row and p[1] in row), None)
+        pairs = list(dict.fromkeys((question_field or q, answer_field or a) for q, a in QA_FIELDS))
+        pair = next((p for p in pairs if has(row, p[0]) and has(row, p[1])), None)
         if pair is None:
-            pairs = " or ".join(f"{q}/{a}" for q, a in QA_FIELDS)
-            raise FieldError(question_field or "question", f"missing field (looked for {pairs})")
-        question_field = question_field or pair[0]
-        answer_field = answer_field or pair[1]
+            half = next((p for p in pairs if has(row, p[0]) or has(row, p[1])), None)
+            if half is None:
+                looked = " or ".join(f"{q}/{a}" for q, a in pairs)
+                raise FieldError(
+                    question_field or "question", f"missing field (looked for {looked})"
+                )
+            missing, other = (half[1], half[0]) if has(row, half[0]) else half
+            raise FieldError(missing, f"missing field (paired with '{other}')")
+        question_field, answer_field = pair
     messages = [
         {"role": "user", "content": string(row, question_field)},
         {"role": "assistant", "content": string(row, answer_field)},
@@ -372,7 +396,7 @@ def text(row: Mapping[str, Any], field: str = "text") -> dict[str, Any]:
 def _locator(where: str | Locate) -> Locate:
     if callable(where):
         return where
-    return lambda index: f"{where} row {index}"
+    return lambda index: f"{where} row {index + 1}"
 
 
 def apply_transform(
@@ -388,8 +412,8 @@ def apply_transform(
     Returns a dataset with ``messages``, the ``keep_columns`` (taken from the transform's result
     when it has the key, else from the raw row, else null) and, when ``source`` is given, a
     ``source`` column holding it (unless ``source`` is itself kept from the raw rows). ``where``
-    is a label or a function from row index to location used in errors, which name the row, the
-    field and the fields the row has.
+    is a label (errors then name its 1-based ``row N``) or a function from row index to location
+    used in errors, which name the row, the field and the fields the row has.
     """
     fn = get_transform(name)
     args = dict(args or {})
@@ -406,17 +430,15 @@ def apply_transform(
                     raise FieldError("messages", f"transform '{name}' returned no 'messages'")
                 chat_messages = validate_canonical(out["messages"])
             except FieldError as err:
-                present = ", ".join(k for k, v in row.items() if v is not None)
                 raise DataError(
-                    f"{locate(index)}: {err} (transform '{name}'; fields present: {present})"
+                    f"{locate(index)}: {err} (transform '{name}'; {fields_present(row, err)})"
                 ) from None
             except DataError:
                 raise
             except Exception as err:
-                present = ", ".join(k for k, v in row.items() if v is not None)
                 raise DataError(
                     f"{locate(index)}: transform '{name}' failed with {type(err).__name__}: {err} "
-                    f"(fields present: {present})"
+                    f"({fields_present(row)})"
                 ) from err
             messages.append(chat_messages)
             for column in keep:

@@ -47,6 +47,11 @@ order the loss functions take them."""
 PAIR_COUNT_KEY = "num_pairs"
 """The preference family's normalising count: pairs in the accumulation window, all ranks."""
 
+TOKEN_COLUMNS = frozenset(
+    ("input_ids", "labels", "prompt_mask", "completion_mask", "position_ids", "row_index")
+)
+"""Keys of a tokenized row that are its tokens and index, not data columns (for errors)."""
+
 _MISSING = object()
 
 
@@ -431,16 +436,19 @@ def check_columns(
 ) -> None:
     """DataError, at set-up, for the first row of ``rows`` that lacks one of the loss's
     ``required_columns``: it names the split (``where``, e.g. ``dataset.train``), the row
-    (1-based position in ``rows``, and the source row's 0-based ``row_index`` when the row
-    carries one) and the column."""
+    (1-based position in ``rows``, and, when the row carries its ``row_index``, its 1-based
+    pair of the source), the column and the data columns the row does have."""
     if not loss.required_columns:
         return
     for position, row in enumerate(rows, start=1):
         for column in loss.required_columns:
             if column not in row:
-                source = f" (row_index {int(row['row_index'])})" if "row_index" in row else ""
+                pair = int(row["row_index"]) + 1 if "row_index" in row else None
+                source = f" (pair {pair} of the source)" if pair is not None else ""
+                has = ", ".join(k for k in row if k not in TOKEN_COLUMNS) or "none"
                 hint = f"; {loss.columns_hint}" if loss.columns_hint else ""
                 raise DataError(
-                    f"{where}: row {position}{source} has no '{column}': trainer.name="
-                    f"{loss.name} needs {', '.join(loss.required_columns)}{hint}"
+                    f"{where}: row {position}{source} has no '{column}' (its data columns: "
+                    f"{has}): trainer.name={loss.name} needs "
+                    f"{' and '.join(loss.required_columns)}{hint}"
                 )

@@ -1,11 +1,21 @@
-"""Load the tokenizer and causal LM of a ``model/*.yaml`` config (offline, safetensors only)."""
+"""Load the tokenizer and causal LM of a ``model/*.yaml`` config (offline, safetensors only).
+
+Every ``*_name_or_path`` is checked before Hugging Face sees it (:func:`check_model_path`): a
+local directory that does not exist, or a Hub id that is not in the local cache when
+``HF_HUB_OFFLINE=1``, is one :class:`~post_training.errors.ConfigError` line naming the key
+and the path, rather than the hub client's ``Repo id must be in the form ...``.
+"""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import torch
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -26,6 +36,49 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"model.torch_dtype must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+def _is_hub_id(value: str) -> bool:
+    """``name`` or ``org/name`` as the Hub spells repository ids (not a path: no leading
+    ``/``, ``.`` or ``~``, at most one ``/``)."""
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_model_path(value: str, key: str, cache_dir: str | None = None) -> None:
+    """:class:`ConfigError` unless ``value`` (config key ``key``) is an existing local directory
+    or a Hub id; with ``HF_HUB_OFFLINE=1`` the Hub id must be in the local cache (``cache_dir``,
+    default the Hub's). Relative paths are relative to the working directory."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ConfigError(f"{key}={value!r}: is a file; give the model's directory or a Hub id")
+    full = "" if str(path.absolute()) == value else f" ({path.absolute()})"
+    if not _is_hub_id(value):
+        raise ConfigError(f"{key}={value!r}: no such directory{full}")
+    if not huggingface_hub.is_offline_mode():
+        return  # downloaded if it exists on the Hub
+    try:
+        huggingface_hub.snapshot_download(value, local_files_only=True, cache_dir=cache_dir)
+    except LocalEntryNotFoundError:
+        cache = cache_dir or huggingface_hub.constants.HF_HUB_CACHE
+        raise ConfigError(
+            f"{key}={value!r}: no such local directory{full}, and not in the offline Hub cache "
+            f"{cache} (HF_HUB_OFFLINE=1: download it once with HF_HUB_OFFLINE=0, or give the "
+            "path of a local copy)"
+        ) from None
+
+
+def check_model_paths(model_cfg: dict[str, Any], section: str = "model") -> None:
+    """:func:`check_model_path` on ``model_name_or_path`` and ``tokenizer_name_or_path`` of a
+    ``model`` config section (named ``section`` in errors): call it before anything is written."""
+    for name in ("model_name_or_path", "tokenizer_name_or_path"):
+        if model_cfg.get(name):
+            check_model_path(str(model_cfg[name]), f"{section}.{name}")
 
 
 def _apply_special_tokens(tokenizer: PreTrainedTokenizerBase, special: dict[str, Any]) -> None:
@@ -73,6 +126,8 @@ def stop_token_ids(model_cfg: dict[str, Any], tokenizer: PreTrainedTokenizerBase
 
 
 def load_tokenizer(model_cfg: dict[str, Any]) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``model_cfg`` with its special tokens and chat template set."""
+    check_model_path(model_cfg["tokenizer_name_or_path"], "model.tokenizer_name_or_path")
     tokenizer = AutoTokenizer.from_pretrained(
         model_cfg["tokenizer_name_or_path"], trust_remote_code=model_cfg["trust_remote_code"]
     )
@@ -171,6 +226,7 @@ def merged_from_adapter(model_cfg: dict[str, Any], adapter_dir: str) -> PreTrain
     would round the result to the 4-bit grid)."""
     from peft import PeftModel
 
+    check_model_path(model_cfg["model_name_or_path"], "model.model_name_or_path")
     base = AutoModelForCausalLM.from_pretrained(
         model_cfg["model_name_or_path"],
         use_safetensors=True,
@@ -188,10 +244,11 @@ def load_model(
     model_cfg: dict[str, Any],
     tokenizer: PreTrainedTokenizerBase,
     model_args: dict[str, Any] | None = None,
+    key: str = "model.model_name_or_path",
 ) -> PreTrainedModel:
     """From pretrained safetensors, or randomly initialised from ``init_seed`` (tiny model).
     With ``model_args.load_in_4bit`` (QLoRA), the pretrained weights are quantized to 4 bits
-    on load, on this process's GPU."""
+    on load, on this process's GPU. ``key`` names ``model_name_or_path`` in errors."""
     dtype = torch_dtype(model_cfg["torch_dtype"])
     common: dict[str, Any] = {
         "dtype": dtype,
@@ -204,6 +261,7 @@ def load_model(
         common["quantization_config"] = quantization_config(model_cfg, model_args or {})
         common["device_map"] = {"": PartialState().local_process_index}
     path = model_cfg["model_name_or_path"]
+    check_model_path(path, key)
     if model_cfg["init_from_config"]:
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"])
         with torch.random.fork_rng(devices=[]):

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
+from pydantic import (
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 from post_training.schema.base import OpenSection, Section
 
@@ -35,6 +42,29 @@ class Resuming(Section):
         description="true: start a new hash dir even if the job holds checkpoints of another config"
     )
     ignore_keys: list[str] = Field(description="dotted keys that may change between resumptions")
+    lock: Literal["flock", "heartbeat", "none"] = Field(
+        description="one launch per resume target: flock, a heartbeat lock file (filesystems "
+        "without a shared flock), or none"
+    )
+    lock_heartbeat_s: PositiveFloat = Field(description="heartbeat lock: refresh period (s)")
+    lock_stale_after_s: PositiveFloat = Field(
+        description="heartbeat lock: a lock not refreshed for this long is taken over (s)"
+    )
+    verify: Literal["sha256", "size"] = Field(
+        description="what a checkpoint's manifest checks on resume: sizes and SHA-256, or sizes"
+    )
+    fresh_start_if_damaged: bool = Field(
+        description="true: when every checkpoint is damaged, train from scratch (else an error)"
+    )
+
+    @model_validator(mode="after")
+    def _stale_after_heartbeats(self) -> Resuming:
+        if self.lock == "heartbeat" and self.lock_stale_after_s <= 2 * self.lock_heartbeat_s:
+            raise ValueError(
+                f"lock_stale_after_s={self.lock_stale_after_s} must exceed twice "
+                f"lock_heartbeat_s={self.lock_heartbeat_s} (a live holder would look stale)"
+            )
+        return self
 
 
 class Wandb(Section):

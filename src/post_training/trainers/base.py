@@ -31,6 +31,7 @@ from post_training.errors import ConfigError
 from post_training.modeling.loading import is_peft_model, merged_from_adapter
 from post_training.utils import checkpointing as ckpt
 from post_training.utils.atomic import atomic_dir
+from post_training.utils.failpoints import failpoint
 from post_training.utils.flops import ModelFlops, device_peak_flops
 from post_training.utils.run import RunContext
 from post_training.utils.signals import GracefulStop
@@ -126,6 +127,7 @@ class Trainer(ABC):
         self.micro_batch = self.args.per_device_train_batch_size
         self.accumulation = self.args.gradient_accumulation_steps
         self.world = accelerator.num_processes
+        self.resumed_from: Path | None = None  # the checkpoint `train` resumed from
         self.global_batch = self.micro_batch * self.accumulation * self.world
         self.steps_per_epoch = len(self.train_data) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -279,8 +281,7 @@ class Trainer(ABC):
 
     # ------------------------------------------------------------------------------ loop
     def train(self) -> TrainOutcome:
-        if self.run.resume_from is not None:
-            self._load_checkpoint(self.run.resume_from)
+        self.resumed_from = self._resume()
         stopper = GracefulStop().install()
         try:
             return self._train_loop(stopper)
@@ -303,7 +304,7 @@ class Trainer(ABC):
         )
         self.model.train()
         window = self._new_window()
-        last_saved: Path | None = self.run.resume_from  # a finished job re-run saves nothing new
+        last_saved: Path | None = self.resumed_from  # a finished job re-run saves nothing new
         evaluated_at = -1
         stopped = False
         while state.global_step < state.total_steps:
@@ -526,10 +527,13 @@ class Trainer(ABC):
             ckpt.remove_stale_temporaries(root)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp))
+        failpoint("checkpoint-saved-state", self.state.global_step)
         if self.accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2) + "\n")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            ckpt.write_manifest(tmp, self.run.config["resuming"].get("verify", "sha256"))
+            failpoint("checkpoint-before-publish", self.state.global_step)
             ckpt.finalize(tmp, final)
             ckpt.rotate(root, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
@@ -538,16 +542,59 @@ class Trainer(ABC):
             callback.on_save(self, final)
         return final
 
-    def _load_checkpoint(self, path: Path) -> None:
-        self.accelerator.load_state(str(path))
-        saved = json.loads((path / STATE_FILE).read_text())
-        if saved["total_steps"] != self.state.total_steps:
+    def _resume(self) -> Path | None:
+        """Load the newest verified checkpoint that loads on every rank (None: a fresh start).
+        One that fails to load is named in a warning, moved aside and the previous one is
+        tried, so that a damaged newest checkpoint costs the steps since the one before it,
+        never the run."""
+        problems = []
+        for path in self.run.resume_candidates:
+            problem = self._load_checkpoint(path)
+            failed = torch.tensor(float(problem is not None), device=self.accelerator.device)
+            if self.world > 1:
+                failed = self.accelerator.reduce(failed, "sum")
+            if failed.item() == 0:
+                return path
+            problem = problem or "failed to load on another rank"
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                aside = ckpt.move_aside(path)
+                log.warning("Checkpoint %s: %s; moved aside to %s", path, problem, aside.name)
+            problems.append(f"  {path}: {problem}")
+            self.accelerator.wait_for_everyone()
+        if problems:
             raise ConfigError(
-                f"{path}: checkpoint planned {saved['total_steps']} steps, this config plans "
+                f"Refusing to resume: no checkpoint in {self.run.checkpoint_dir} loads:\n"
+                + "\n".join(problems)
+                + "\nThey were moved aside; a re-run with resuming.fresh_start_if_damaged=true "
+                "trains from scratch."
+            )
+        return None
+
+    def _load_checkpoint(self, path: Path) -> str | None:
+        """Restore model, optimizer, scheduler, RNG states and counters from ``path``; what went
+        wrong (one line naming the file), or None. A plan of another length is a config error."""
+        rng = path / f"random_states_{self.accelerator.process_index}.pkl"
+        if not rng.is_file():  # accelerate would resume silently without it
+            return f"{rng.name} is missing (the RNG state of rank {self.accelerator.process_index})"
+        try:
+            saved = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+            state = TrainState(**saved)
+        except (OSError, ValueError, TypeError) as error:
+            return f"{STATE_FILE} is unreadable ({type(error).__name__}: {error})"
+        if state.total_steps != self.state.total_steps:
+            raise ConfigError(
+                f"{path}: checkpoint planned {state.total_steps} steps, this config plans "
                 f"{self.state.total_steps}; the data order would not match"
             )
-        self.state = TrainState(**saved)
+        try:
+            self.accelerator.load_state(str(path))
+        except Exception as error:  # a damaged file: fall back to the previous checkpoint
+            first = str(error).splitlines()[0] if str(error) else ""
+            return f"failed to load ({type(error).__name__}: {first})"
+        self.state = state
         log.info("Resumed at step %d from %s", self.state.global_step, path)
+        return None
 
     def save_merged_model(self, directory: Path) -> None:
         """LoRA merged into the base weights: a plain checkpoint (end of training only, since
@@ -573,4 +620,6 @@ class Trainer(ABC):
             with atomic_dir(directory, unique=False, fsync=True) as tmp:
                 unwrapped.save_pretrained(tmp, state_dict=state_dict)
                 self.tokenizer.save_pretrained(tmp)
+                if directory.name == FINAL_MODEL_DIR:
+                    failpoint("final-model-written", self.state.global_step)
         self.accelerator.wait_for_everyone()

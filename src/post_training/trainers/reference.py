@@ -141,12 +141,14 @@ class Reference:
         if self.mode != "model":
             return self
         model_cfg = dict(config["model"])
+        key = "model.model_name_or_path"
         if config["reference"]["model_name_or_path"]:
             model_cfg.update(
                 model_name_or_path=config["reference"]["model_name_or_path"],
                 init_from_config=False,
             )
-        self.model = load_model(model_cfg, tokenizer).eval().requires_grad_(False)
+            key = "reference.model_name_or_path"
+        self.model = load_model(model_cfg, tokenizer, key=key).eval().requires_grad_(False)
         return self
 
     def prepare(self, accelerator: Any) -> None:

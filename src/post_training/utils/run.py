@@ -4,6 +4,11 @@ A run writes to a fresh ``run_dir`` (frozen config, metrics, tracker logs). Resu
 in a checkpoint dir: with ``resuming.resume=true`` it is ``<outputs_dir>/checkpoints/<hash>``,
 where ``<hash>`` is the hash of the resolved config minus ``resuming.ignore_keys``, so the same
 command resumes and a changed command is refused with the differing keys listed.
+
+The resume target is locked (:func:`lock_resume_target`, :mod:`post_training.utils.job_lock`)
+before anything is read, cleaned or written there; a second launch of the same job exits at once.
+The checkpoint resumed from is the newest one whose manifest verifies
+(:func:`post_training.utils.checkpointing.resume_candidates`); damaged ones are moved aside.
 """
 
 from __future__ import annotations
@@ -13,17 +18,19 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig
 
 from post_training.errors import ConfigError
+from post_training.utils import job_lock
 from post_training.utils.atomic import atomic_write_json, atomic_write_text
-from post_training.utils.checkpointing import complete_checkpoints, latest_checkpoint
+from post_training.utils.checkpointing import complete_checkpoints, resume_candidates
 from post_training.utils.config import config_hash, diff_configs, to_container
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +45,9 @@ class RunContext:
     checkpoint_dir: Path  # full checkpoints, inference checkpoints and the final model
     config: dict[str, Any]  # resolved, as frozen in run_dir/config.yaml
     config_hash: str
-    resume_from: Path | None  # last complete checkpoint, when resuming
+    resume_from: Path | None  # newest verified checkpoint, when resuming
+    # verified checkpoints, newest first: resume_from, then the fallbacks if it fails to load
+    resume_candidates: tuple[Path, ...] = ()
 
 
 def dump_yaml(data: dict[str, Any], path: Path) -> None:
@@ -81,6 +90,62 @@ def _hydra_output_dir() -> Path | None:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
 
 
+def resume_target(resolved: dict[str, Any]) -> tuple[Path, str]:
+    """The checkpoint dir of a resuming run and its config hash."""
+    this_hash = config_hash(resolved, list(resolved["resuming"]["ignore_keys"]))
+    explicit = resolved["resuming"]["dir"]
+    default = Path(resolved["outputs_dir"]) / "checkpoints" / this_hash
+    return (Path(explicit) if explicit else default), this_hash
+
+
+def lock_settings(resuming: dict[str, Any]) -> job_lock.LockSettings:
+    return job_lock.LockSettings(
+        mode=resuming.get("lock", "flock"),
+        heartbeat_s=float(resuming.get("lock_heartbeat_s", 30)),
+        stale_after_s=float(resuming.get("lock_stale_after_s", 120)),
+    )
+
+
+def lock_resume_target(resolved: dict[str, Any], only_if_exists: bool = False) -> Path | None:
+    """With ``resuming.resume``, the main process of the launch takes the job lock of the resume
+    target (raises :class:`~post_training.utils.job_lock.JobLocked` when another launch holds
+    it); the locked dir, or None. Cheap on purpose: ``frame.begin`` calls it before validation
+    and before torch is imported, with ``only_if_exists`` (nothing is created before the config
+    is valid: a job that never ran has no dir, and no running launch to collide with), so that a
+    duplicate launch of a running job exits within a second or two; ``setup_run`` calls it again
+    (idempotent), creating the dir."""
+    resuming = resolved.get("resuming")
+    if not isinstance(resuming, dict) or resuming.get("resume") is not True:
+        return None
+    if job_lock.launch_rank() != 0:
+        return None
+    try:
+        directory, _ = resume_target(resolved)
+        settings = lock_settings(resuming)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None  # a malformed config: validation names the key; setup_run locks after it
+    if only_if_exists and not directory.is_dir():
+        return None
+    job_lock.acquire(directory, settings)
+    return directory
+
+
+def _pick_resume(checkpoint_dir: Path, resuming: dict[str, Any]) -> list[Path]:
+    """Verified checkpoints, newest first (damaged ones moved aside); raises when every
+    checkpoint is damaged, unless ``resuming.fresh_start_if_damaged``."""
+    good, damaged = resume_candidates(checkpoint_dir, resuming.get("verify", "sha256"))
+    if damaged and not good:
+        listed = "\n".join(f"  {line}" for line in damaged)
+        if not resuming.get("fresh_start_if_damaged"):
+            raise ConfigError(
+                f"Refusing to resume: no checkpoint in {checkpoint_dir} verifies:\n{listed}\n"
+                "Set resuming.fresh_start_if_damaged=true to train from scratch in this dir "
+                "(the damaged checkpoints stay aside)."
+            )
+        log.warning("No checkpoint verifies; starting from scratch (fresh_start_if_damaged)")
+    return good
+
+
 def setup_run(cfg: DictConfig, accelerator: Accelerator | None = None) -> RunContext:
     """Resolve the config, create the run dir, freeze the config, and find the resume target.
 
@@ -90,25 +155,32 @@ def setup_run(cfg: DictConfig, accelerator: Accelerator | None = None) -> RunCon
     """
     resolved = to_container(cfg)
     is_main_process = accelerator is None or accelerator.is_main_process
-    if accelerator is not None and accelerator.num_processes > 1:
+    several = accelerator is not None and accelerator.num_processes > 1
+    if several:
+        from accelerate.utils import broadcast_object_list
+
         shared = [resolved["run_dir"]]
         broadcast_object_list(shared, from_process=0)
         own_dir = Path(resolved["run_dir"])
         resolved["run_dir"] = shared[0]
     ignore = list(resolved["resuming"]["ignore_keys"])
-    this_hash = config_hash(resolved, ignore)
+    checkpoint_dir, this_hash = resume_target(resolved)
     run_dir = Path(resolved["run_dir"])
-    outputs_dir = Path(resolved["outputs_dir"])
 
-    resume_from = None
+    candidates: list[Path] = []
     if resolved["resuming"]["resume"]:
-        explicit = resolved["resuming"]["dir"]
-        checkpoint_dir = Path(explicit) if explicit else outputs_dir / "checkpoints" / this_hash
-        if not resolved["resuming"]["allow_config_change"]:
-            _check_no_drift(checkpoint_dir.parent, checkpoint_dir.name, resolved, ignore)
-        resume_from = latest_checkpoint(checkpoint_dir)
+        if is_main_process:
+            lock_resume_target(resolved)  # taken already by `frame.begin`; idempotent
+            if not resolved["resuming"]["allow_config_change"]:
+                _check_no_drift(checkpoint_dir.parent, checkpoint_dir.name, resolved, ignore)
+            candidates = _pick_resume(checkpoint_dir, resolved["resuming"])
+        if several:
+            shared = [[str(p) for p in candidates]]
+            broadcast_object_list(shared, from_process=0)
+            candidates = [Path(p) for p in shared[0]]
     else:
         checkpoint_dir = run_dir / "checkpoints"
+    resume_from = candidates[0] if candidates else None
 
     if is_main_process:
         if (run_dir / CONFIG_FILE).exists():
@@ -119,7 +191,7 @@ def setup_run(cfg: DictConfig, accelerator: Accelerator | None = None) -> RunCon
         if not (checkpoint_dir / CONFIG_FILE).exists():
             dump_yaml(resolved, checkpoint_dir / CONFIG_FILE)
         atomic_write_json(run_dir / "command.json", {"argv": sys.argv, "config_hash": this_hash})
-    if accelerator is not None and accelerator.num_processes > 1:
+    if several:
         accelerator.wait_for_everyone()
         hydra_dir = _hydra_output_dir() or own_dir
         if not is_main_process and hydra_dir.exists() and hydra_dir != run_dir:
@@ -128,4 +200,4 @@ def setup_run(cfg: DictConfig, accelerator: Accelerator | None = None) -> RunCon
     log.info("Checkpoint dir: %s (config hash %s)", checkpoint_dir, this_hash)
     if resume_from is not None:
         log.info("Resuming from %s", resume_from)
-    return RunContext(run_dir, checkpoint_dir, resolved, this_hash, resume_from)
+    return RunContext(run_dir, checkpoint_dir, resolved, this_hash, resume_from, tuple(candidates))
