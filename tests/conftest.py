@@ -128,6 +128,26 @@ def start_entrypoint(
     )
 
 
+def run_killed_at(
+    module: str, overrides: Sequence[str], artifacts: Path, point: str
+) -> subprocess.CompletedProcess[str]:
+    """Run an entrypoint that kills itself (SIGKILL) at the failpoint ``point``
+    (``POST_TRAINING_FAILPOINT``, :mod:`post_training.utils.failpoints`); checks it did."""
+    proc = run_entrypoint(
+        module, overrides, artifacts, check=False, env={"POST_TRAINING_FAILPOINT": point}
+    )
+    assert proc.returncode == -9, f"{point}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def final_weights(artifacts: Path, job: str, entrypoint: str = "train_sft") -> dict[str, Any]:
+    """The final model's tensors of ``job``."""
+    from safetensors.torch import load_file
+
+    (model,) = job_dir(artifacts, job, entrypoint).rglob("final-model/model.safetensors")
+    return load_file(model)
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

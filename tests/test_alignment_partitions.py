@@ -123,7 +123,10 @@ def test_read_stage_errors_name_the_place(tmp_path: Path) -> None:
         read_stage(tmp_path / "nowhere", "input")
     bad = tmp_path / "rows.jsonl"
     bad.write_text('{"id": "a"}\n{"id": \n')
-    with pytest.raises(DataError, match=r"rows.jsonl: line 2: not valid JSON"):
+    with pytest.raises(DataError, match=r"rows.jsonl:2: invalid JSON"):
+        read_stage(bad)
+    bad.write_bytes(b'{"id": "a"}\n{"id": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(DataError, match=r"rows.jsonl:2: not UTF-8 text \(byte 0xe9 at column 12"):
         read_stage(bad)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no complete partition"):

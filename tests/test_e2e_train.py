@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from post_training.utils.signals import EXIT_CODE_STOPPED
@@ -20,6 +19,7 @@ from post_training.utils.signals import EXIT_CODE_STOPPED
 from .conftest import (
     QUICK,
     REPO,
+    final_weights,
     job_dir,
     read_metrics,
     run_dirs,
@@ -29,11 +29,6 @@ from .conftest import (
 )
 
 pytestmark = pytest.mark.e2e
-
-
-def final_weights(artifacts: Path, job: str) -> dict[str, torch.Tensor]:
-    (model,) = job_dir(artifacts, job).rglob("final-model/model.safetensors")
-    return load_file(model)
 
 
 def wait_for(predicate, proc, timeout: float = 300.0) -> None:

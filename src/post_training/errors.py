@@ -21,3 +21,10 @@ class DataError(ProjectError, ValueError):
 
 class SubmitError(ProjectError, ValueError):
     """A sweep that cannot be turned into submit lines; raised before anything is written."""
+
+
+class StorageFull(ProjectError, OSError):
+    """The filesystem of an output filled up (or its quota did) during a write; nothing already
+    complete was touched. Exit code 74 (``EX_IOERR``)."""
+
+    exit_code = 74

@@ -12,7 +12,7 @@ import pytest
 
 from post_training.utils.job_lock import EXIT_CODE_LOCKED
 
-from ..conftest import REPO, run_entrypoint
+from ..conftest import REPO, run_entrypoint, run_killed_at
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -33,10 +33,7 @@ def test_a_partition_killed_mid_write_is_cleaned_and_regenerated_identical(
     run_entrypoint(STAGE, ARGS, straight)
     expected = (output_dir(straight) / PARTITION / "rows.jsonl").read_bytes()
 
-    proc = run_entrypoint(
-        STAGE, ARGS, killed, check=False, env={"POST_TRAINING_FAILPOINT": "partition-rows-written"}
-    )
-    assert proc.returncode == -9, proc.stderr[-3000:]
+    run_killed_at(STAGE, ARGS, killed, "partition-rows-written")
     (left,) = output_dir(killed).glob(f".tmp-*-{PARTITION}")
     assert (left / "rows.jsonl").is_file() and not (output_dir(killed) / PARTITION).exists()
 

@@ -16,22 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from post_training.frame import EXIT_CODE_PROJECT_ERROR
 from post_training.utils.checkpointing import MANIFEST_FILE
 
-from ..conftest import QUICK, job_dir, run_entrypoint
+from ..conftest import QUICK, final_weights, job_dir, run_entrypoint, run_killed_at
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 COMMON = (*QUICK, "training_args.max_steps=12", "training_args.save_steps=4")
 RESUMABLE = (*COMMON, "job_subdir=damaged", "resuming.resume=true")
-
-
-def final_weights(artifacts: Path, job: str) -> dict[str, torch.Tensor]:
-    (model,) = job_dir(artifacts, job).rglob("final-model/model.safetensors")
-    return load_file(model)
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +34,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, torch.Tens
     straight = tmp_path_factory.mktemp("straight")
     run_entrypoint("train_sft", [*COMMON, "job_subdir=straight"], straight)
     killed = tmp_path_factory.mktemp("killed")
-    proc = run_entrypoint(
-        "train_sft",
-        RESUMABLE,
-        killed,
-        check=False,
-        env={"POST_TRAINING_FAILPOINT": "checkpoint-saved-state@12"},
-    )
-    assert proc.returncode == -9, proc.stderr[-3000:]
+    run_killed_at("train_sft", RESUMABLE, killed, "checkpoint-saved-state@12")
     names = sorted(p.name for p in job_dir(killed, "damaged").glob("checkpoints/*/checkpoint-*"))
     assert names == ["checkpoint-4", "checkpoint-8"], names
     return final_weights(straight, "straight"), killed

@@ -9,18 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from ..conftest import QUICK, job_dir, run_entrypoint
+from ..conftest import QUICK, final_weights, job_dir, run_entrypoint, run_killed_at
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 COMMON = (*QUICK, "training_args.max_steps=12", "training_args.save_steps=4")
-
-
-def final_weights(artifacts: Path, job: str) -> dict[str, torch.Tensor]:
-    (model,) = job_dir(artifacts, job).rglob("final-model/model.safetensors")
-    return load_file(model)
 
 
 def test_killed_in_every_save_phase_then_resumed_equals_an_uninterrupted_run(
@@ -31,10 +25,7 @@ def test_killed_in_every_save_phase_then_resumed_equals_an_uninterrupted_run(
     checkpoints = job_dir(tmp_path, "killed") / "checkpoints"
 
     def killed_at(point: str) -> str:
-        proc = run_entrypoint(
-            "train_sft", resumable, tmp_path, check=False, env={"POST_TRAINING_FAILPOINT": point}
-        )
-        assert proc.returncode == -9, f"{point}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+        proc = run_killed_at("train_sft", resumable, tmp_path, point)
         return proc.stdout + proc.stderr
 
     # 1. The step-4 save has its weights and optimizer state, not its trainer state/manifest.
@@ -60,3 +51,31 @@ def test_killed_in_every_save_phase_then_resumed_equals_an_uninterrupted_run(
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_exits_75(tmp_path: Path) -> None:
+    """Preemption (SLURM sends SIGTERM): as SIGUSR1 (whose resume ``test_e2e_train`` checks)."""
+    import signal
+    import time
+
+    from post_training.utils.checkpointing import verify_checkpoint
+    from post_training.utils.signals import EXIT_CODE_STOPPED
+
+    from ..conftest import start_entrypoint
+
+    args = [*QUICK, "training_args.max_steps=2000", "training_args.save_steps=5000",
+            "job_subdir=term", "resuming.resume=true"]  # fmt: skip
+    proc = start_entrypoint("train_sft", args, tmp_path)
+    metrics = job_dir(tmp_path, "term") / "runs"
+    deadline = time.monotonic() + 300
+    while not any(p.stat().st_size for p in metrics.glob("*/metrics.jsonl")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_CODE_STOPPED, err[-3000:]
+    assert "Received SIGTERM" in out + err
+    (checkpoint,) = job_dir(tmp_path, "term").glob("checkpoints/*/checkpoint-*")
+    assert 0 < int(checkpoint.name.split("-")[1]) < 2000
+    assert verify_checkpoint(checkpoint) is None
+    assert not list(job_dir(tmp_path, "term").glob("checkpoints/*/final-model"))

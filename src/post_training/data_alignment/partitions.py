@@ -28,6 +28,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from post_training.data_sft.file_formats import parse_jsonl
 from post_training.errors import ConfigError, DataError
 from post_training.utils.atomic import TMP_PREFIX, atomic_dir
 from post_training.utils.failpoints import failpoint
@@ -88,19 +89,9 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {number}: a row must be a JSON object")
-            rows.append(row)
-    return rows
+    """The rows of a JSON-lines file (a partition's, or a stage's input): the SFT reader's exact
+    line-by-line path, so a malformed line or bytes that are not UTF-8 name the 1-based line."""
+    return parse_jsonl(Path(path))[0]
 
 
 def versions() -> dict[str, str]:

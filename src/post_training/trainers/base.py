@@ -27,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from post_training.data_sft.collate import pad_collate
 from post_training.data_sft.sampling import epoch_batches
-from post_training.errors import ConfigError
+from post_training.errors import ConfigError, StorageFull
 from post_training.modeling.loading import is_peft_model, merged_from_adapter
 from post_training.utils import checkpointing as ckpt
 from post_training.utils.atomic import atomic_dir
@@ -519,10 +519,31 @@ class Trainer(ABC):
 
     # ------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """Full resumable checkpoint, written under a temporary name and renamed when complete."""
+        """Full resumable checkpoint, written under a temporary name and renamed when complete.
+        A full disk stops the run with one line (:class:`StorageFull`, exit 74): the partial
+        save stays a temporary (removed by the next save), the earlier checkpoints are intact."""
         root = self.run.checkpoint_dir
         final = ckpt.checkpoint_path(root, self.state.global_step)
         tmp = ckpt.temporary_path(final)
+        try:
+            self._write_checkpoint(root, tmp, final)
+        except Exception as error:
+            if not ckpt.is_disk_full(error, root):
+                raise
+            previous = ckpt.latest_checkpoint(root)
+            raise StorageFull(
+                f"{root}: the disk is full (or its quota): checkpoint {final.name} was not "
+                f"saved ({type(error).__name__}: {str(error).splitlines()[0][:200]}); the "
+                f"partial save stays as {tmp.name}, "
+                + (f"{previous.name} is intact" if previous else "no earlier checkpoint")
+                + ". Free space and re-run the same command to resume."
+            ) from error
+        log.info("Saved checkpoint %s", final)
+        for callback in self.callbacks:
+            callback.on_save(self, final)
+        return final
+
+    def _write_checkpoint(self, root: Path, tmp: Path, final: Path) -> None:
         if self.accelerator.is_main_process:
             ckpt.remove_stale_temporaries(root)
         self.accelerator.wait_for_everyone()
@@ -537,10 +558,6 @@ class Trainer(ABC):
             ckpt.finalize(tmp, final)
             ckpt.rotate(root, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
-        log.info("Saved checkpoint %s", final)
-        for callback in self.callbacks:
-            callback.on_save(self, final)
-        return final
 
     def _resume(self) -> Path | None:
         """Load the newest verified checkpoint that loads on every rank (None: a fresh start).
@@ -617,9 +634,18 @@ class Trainer(ABC):
         state_dict = self.accelerator.get_state_dict(self.model)
         if self.accelerator.is_main_process:
             unwrapped = self.accelerator.unwrap_model(self.model)
-            with atomic_dir(directory, unique=False, fsync=True) as tmp:
-                unwrapped.save_pretrained(tmp, state_dict=state_dict)
-                self.tokenizer.save_pretrained(tmp)
-                if directory.name == FINAL_MODEL_DIR:
-                    failpoint("final-model-written", self.state.global_step)
+            try:
+                with atomic_dir(directory, unique=False, fsync=True) as tmp:
+                    unwrapped.save_pretrained(tmp, state_dict=state_dict)
+                    self.tokenizer.save_pretrained(tmp)
+                    if directory.name == FINAL_MODEL_DIR:
+                        failpoint("final-model-written", self.state.global_step)
+            except Exception as error:
+                if not ckpt.is_disk_full(error, directory.parent):
+                    raise
+                raise StorageFull(
+                    f"{directory.parent}: the disk is full (or its quota): {directory.name} was "
+                    f"not saved ({type(error).__name__}); the checkpoints are intact. Free space "
+                    "and re-run the same command: it resumes and writes it."
+                ) from error
         self.accelerator.wait_for_everyone()

@@ -20,6 +20,7 @@ deletion, the damage a killed or full-disk write does, but not a same-length ove
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -186,3 +187,21 @@ def resume_candidates(root: Path, verify: str = "sha256") -> tuple[list[Path], l
         damaged.append(f"{checkpoint}: {problem}; moved aside to {aside.name}")
         log.warning("Damaged checkpoint %s: %s; moved aside to %s", checkpoint, problem, aside)
     return good, damaged
+
+
+# ------------------------------------------------------------------------------ full disks
+FULL_BELOW_BYTES = 16 * 2**20
+
+
+def is_disk_full(error: BaseException, directory: Path) -> bool:
+    """Whether ``error``, raised while writing under ``directory``, is a full filesystem or
+    quota: ENOSPC / EDQUOT, or (torch's zip writer reports a short write as a bare
+    ``RuntimeError``) any error while less than 16 MiB are left there."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(error):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < FULL_BELOW_BYTES
+    except OSError:
+        return False
