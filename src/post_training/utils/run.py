@@ -170,9 +170,9 @@ def setup_run(cfg: DictConfig, accelerator: Accelerator | None = None) -> RunCon
     candidates: list[Path] = []
     if resolved["resuming"]["resume"]:
         if is_main_process:
-            lock_resume_target(resolved)  # taken already by `frame.begin`; idempotent
-            if not resolved["resuming"]["allow_config_change"]:
+            if not resolved["resuming"]["allow_config_change"]:  # refused: creates nothing
                 _check_no_drift(checkpoint_dir.parent, checkpoint_dir.name, resolved, ignore)
+            lock_resume_target(resolved)  # taken already by `frame.begin` if the dir existed
             candidates = _pick_resume(checkpoint_dir, resolved["resuming"])
         if several:
             shared = [[str(p) for p in candidates]]
