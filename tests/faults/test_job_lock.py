@@ -141,7 +141,7 @@ def test_two_concurrent_launches_one_trains_the_other_exits_at_once(tmp_path: Pa
         assert first.poll() is None
     finally:
         first.send_signal(signal.SIGUSR1)
-        first.wait(timeout=120)
+        first.communicate(timeout=120)  # drains its pipes (a full pipe would block it)
     assert first.returncode == 75
     (checkpoint,) = checkpoints.glob("*/checkpoint-*")
     assert (checkpoint / "manifest.json").is_file()
