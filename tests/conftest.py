@@ -55,8 +55,18 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
+COLLECTED: dict[str, Any] = {}
+"""How many tests this session collected, before ``-m`` deselects any, and whether they were
+the whole suite (``tests/test_readme.py`` compares the README's test count with it)."""
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run the files of ``SLOW_FILES`` first, in its order; the others keep theirs."""
+    COLLECTED["count"] = len(items)
+    COLLECTED["whole_suite"] = (
+        config.args_source == pytest.Config.ArgsSource.TESTPATHS and not config.option.keyword
+    )
     rank = {name: i for i, name in enumerate(SLOW_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))
 

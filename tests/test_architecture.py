@@ -44,9 +44,18 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("schema", "data_sft"),  # typed configs; SFT data: sources, mixtures, templates, tokens
     ("modeling", "data_preference"),  # tokenizer + model loading; preference pairs
     ("trainers",),  # the training loop and its loss-family subclasses
-    ("data_alignment", "exact_match", "model_merging"),  # pipelines over the above
+    ("data_alignment", "exact_match", "model_merging", "harness"),  # pipelines over the above
+    ("assets",),  # task code that lm-eval loads by path (assets/tiny-tasks/lm-eval/utils.py)
     ("frame",),  # the run frame shared by the training entrypoints
-    ("launch", "merge", "evaluate", "config_reference", "train_sft", "train_preference"),
+    (
+        "launch",
+        "merge",
+        "evaluate",
+        "download",
+        "config_reference",
+        "train_sft",
+        "train_preference",
+    ),
 )
 
 # Old entrypoint paths kept working: alias module -> the entrypoint whose ``main`` it calls.

@@ -21,6 +21,7 @@ from post_training.data_sft.training_data import read_eval_rows
 from post_training.errors import ConfigError
 from post_training.modeling.loading import torch_dtype
 from post_training.utils.atomic import atomic_write_json
+from post_training.utils.progress import ItemProgress
 from post_training.utils.tracking import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def generation_accuracy(
     tokenizer.padding_side = "left"
     hits: dict[str, list[int]] = defaultdict(list)
     samples = []
+    progress = ItemProgress("exact match", len(rows), "examples")
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
@@ -85,6 +87,8 @@ def generation_accuracy(
                     hits[f"task/{row[task_field]}"].append(hit)
                 if len(samples) < 8:
                     samples.append({"expected": expected, "prediction": prediction})
+            progress.update(len(chunk))
+        progress.finish()
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

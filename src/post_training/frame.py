@@ -25,6 +25,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -34,6 +35,16 @@ from post_training.utils.config import CONFIGS_DIR, register_resolvers, to_conta
 
 log = logging.getLogger(__name__)
 register_resolvers()
+
+
+def _config_groups(entrypoint: str) -> str:
+    from post_training.config_help import config_groups
+
+    return config_groups(entrypoint)
+
+
+if not OmegaConf.has_resolver("pt.config_groups"):  # the `--help` listing (setup.yaml)
+    OmegaConf.register_new_resolver("pt.config_groups", _config_groups)
 
 EXIT_CODE_PROJECT_ERROR = 2
 
@@ -52,11 +63,42 @@ def report_project_errors(run: Callable[[DictConfig], int | None], cfg: DictConf
     try:
         code = run(cfg)
     except ProjectError as error:
+        code = getattr(error, "exit_code", EXIT_CODE_PROJECT_ERROR)
+        record_end(cfg, code, str(error).splitlines()[0] if str(error) else type(error).__name__)
         if wants_traceback(cfg):
             raise
         print(f"error: {error}", file=sys.stderr, flush=True)
-        return getattr(error, "exit_code", EXIT_CODE_PROJECT_ERROR)
-    return code if isinstance(code, int) else 0  # some entrypoints return what they wrote
+        return code
+    except BaseException as error:  # marked in status.json, then shown as Python shows it
+        code = 130 if isinstance(error, KeyboardInterrupt) else 1
+        if isinstance(error, SystemExit):
+            code = error.code if isinstance(error.code, int) else 1
+        first = str(error).splitlines()[0] if str(error) else ""
+        record_end(cfg, code, f"{type(error).__name__}: {first}".rstrip(": "))
+        raise
+    code = code if isinstance(code, int) else 0  # some entrypoints return what they wrote
+    record_end(cfg, code, None)
+    return code
+
+
+def record_end(cfg: DictConfig | None, code: int, error: str | None) -> None:
+    """``status.json``: the run's end, or, for a launch that started no run, in its Hydra dir
+    (rank 0 only; the dirs of other ranks move into the run dir)."""
+    from post_training.utils import run_status
+    from post_training.utils.job_lock import launch_rank
+
+    if run_status.active():
+        run_status.finish(code, error)
+        return
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        directory = Path(HydraConfig.get().runtime.output_dir)
+    except (ImportError, ValueError):  # not under @hydra.main
+        return
+    if launch_rank() == 0 and directory.is_dir():
+        entrypoint = cfg.get("entrypoint") if cfg is not None else None
+        run_status.mark_launch(directory, entrypoint, code, error)
 
 
 def entrypoint(
@@ -164,7 +206,13 @@ def begin(cfg: DictConfig) -> Frame:
 
     check_quantization(args.model.model_dump(), args.model_args.model_dump())
     check_model_paths(args.model.model_dump())  # before the run dir is written
+    from post_training.modeling.run_inputs import check_run_inputs
+
+    check_run_inputs(args)  # the reference model and the Hub datasets: local, or one line
+    from post_training.utils.progress import silence_known_warnings
+
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    silence_known_warnings()
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # several CPU processes (gloo) under torchrun
         gradient_accumulation_steps=args.training_args.gradient_accumulation_steps,
@@ -198,7 +246,9 @@ def finish(
     """Build the trainer, train, save the final model, score it on ``evaluation_dataset``
     (exact match); the exit code (75 when a signal stopped the run after its checkpoint)."""
     from post_training.exact_match import evaluate_final_model
+    from post_training.harness import harness_callbacks
     from post_training.trainers.base import TrainerContext
+    from post_training.utils.run import tracker_run_id
     from post_training.utils.signals import EXIT_CODE_STOPPED
     from post_training.utils.tracking import MetricsLogger
 
@@ -206,7 +256,7 @@ def finish(
     metrics = MetricsLogger(
         run.run_dir,
         run.config,
-        run_id=f"{args.job_subdir}-{run.config_hash}",
+        run_id=tracker_run_id(run, args.job_subdir) if accelerator.is_main_process else "",
         enabled=accelerator.is_main_process,
         tensorboard=args.tensorboard,
         wandb_cfg=run.config["wandb"],
@@ -224,28 +274,45 @@ def finish(
                 metrics=metrics,
                 loss=loss,
                 reference=reference,
-                callbacks=[*callbacks, *EXTRA_CALLBACKS],
+                callbacks=[*callbacks, *harness_callbacks(run.config), *EXTRA_CALLBACKS],
             )
         )
         outcome = trainer.train()
         if outcome.stopped_by_signal:
-            return EXIT_CODE_STOPPED
-        del trainer, model  # evaluation scores the saved final model, as `evaluate` would
-        accelerator.free_memory()
-        evaluation = run.config["evaluation"]
-        if evaluation["at_end"] and evaluation_dataset and accelerator.is_main_process:
-            evaluate_final_model(
-                outcome.final_model_dir,
-                dict(evaluation_dataset),
-                evaluation,
-                args.model.torch_dtype,
-                metrics,
-                outcome.state.global_step,
-            )
-        return 0
+            code = EXIT_CODE_STOPPED
+        else:
+            del trainer, model  # evaluation scores the saved final model, as `evaluate` would
+            accelerator.free_memory()
+            evaluation = run.config["evaluation"]
+            if evaluation["at_end"] and evaluation_dataset and accelerator.is_main_process:
+                evaluate_final_model(
+                    outcome.final_model_dir,
+                    dict(evaluation_dataset),
+                    evaluation,
+                    args.model.torch_dtype,
+                    metrics,
+                    outcome.state.global_step,
+                )
+            code = 0
     finally:
         metrics.close()
         accelerator.end_training()
+    if accelerator.is_main_process:
+        write_run_report(run.run_dir)
+    return code
+
+
+def write_run_report(run_dir: Any) -> None:
+    """``report.html`` and its plots in ``run_dir`` (:mod:`post_training.report`); a failure to
+    plot is a warning, never the run's failure."""
+    from post_training.report import write_report
+
+    try:
+        path = write_report([run_dir], run_dir)
+    except Exception as error:
+        log.warning("report.html not written: %s: %s", type(error).__name__, error)
+        return
+    log.info("Report: %s", path)
 
 
 EXTRA_CALLBACKS: list[Any] = []

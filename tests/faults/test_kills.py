@@ -5,6 +5,8 @@ trainings of the tiny model (marked e2e); the kills are exact (``POST_TRAINING_F
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_75(tmp_path: Path) -
     assert 0 < int(checkpoint.name.split("-")[1]) < 2000
     assert verify_checkpoint(checkpoint) is None
     assert not list(job_dir(tmp_path, "term").glob("checkpoints/*/final-model"))
+    (run_dir,) = metrics.iterdir()  # its status.json: stopped by the signal, at that step
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["state"], status["exit_code"]) == ("stopped", EXIT_CODE_STOPPED)
+    assert status["last_step"] == int(checkpoint.name.split("-")[1])

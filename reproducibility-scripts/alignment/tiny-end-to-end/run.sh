@@ -7,12 +7,16 @@
 #
 #   bash reproducibility-scripts/alignment/tiny-end-to-end/run.sh
 #
-# Environment: POST_TRAINING_ARTIFACTS_DIR (default <repo>/artifacts), PYTHON (default python),
+# Environment: POST_TRAINING_ARTIFACTS_DIR (default <repo>/artifacts), PYTHON (default: the
+# repo's .venv/bin/python when it exists, else the python on PATH),
 # NUM_PROMPTS (4000), SFT_STEPS (300), PARTITIONS (2), SFT_MODEL (skip SFT: use this checkpoint).
 # Re-running resumes: finished partitions are skipped. Prints one JSON line of results last.
 set -euo pipefail
 
-PYTHON=${PYTHON:-python}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python; fi
+fi
 NUM_PROMPTS=${NUM_PROMPTS:-4000}
 SFT_STEPS=${SFT_STEPS:-300}
 PARTITIONS=${PARTITIONS:-2}

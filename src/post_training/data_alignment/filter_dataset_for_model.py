@@ -35,6 +35,7 @@ from post_training.data_alignment.stage import (
 from post_training.data_preference.pairs import load_preference_rows
 from post_training.data_preference.transforms import PREFERENCE_TRANSFORMS
 from post_training.data_sft.dataset_config import dataset_specs, load_train_eval
+from post_training.data_sft.hub_datasets import check_hub_datasets
 from post_training.data_sft.tokenize import FilterReport
 from post_training.data_sft.training_data import spec_fingerprints
 from post_training.errors import ConfigError
@@ -124,6 +125,7 @@ def filter_rows(
 
 def run(cfg: DictConfig) -> Path:
     config, partition = begin(cfg)
+    check_hub_datasets({"dataset": config["dataset"]})  # offline: in the cache, or one line
     split = config["alignment"]["split"]
     options = config["filter"]
     settings = {

@@ -22,6 +22,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from post_training.data_alignment.stage import row_seed
 from post_training.errors import ConfigError
+from post_training.utils.progress import ItemProgress
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "hf", "vllm")
@@ -136,6 +137,7 @@ def generate_hf(
     stops = set(stop_ids)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
     results: dict[int, list[Completion]] = {}
+    progress = ItemProgress("generating", len(prompts), "prompts")
     for start in range(0, len(order), options.batch_size):
         chunk = order[start : start + options.batch_size]
         width = max(len(prompts[i]) for i in chunk)
@@ -164,6 +166,8 @@ def generate_hf(
         new = generated[:, width:].tolist()
         for j, i in enumerate(chunk):
             results[i] = [_decode(tokenizer, new[j * n + k], stops) for k in range(n)]
+        progress.update(len(chunk))
+    progress.finish()
     return [results[i] for i in range(len(prompts))]
 
 

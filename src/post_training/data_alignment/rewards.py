@@ -28,6 +28,7 @@ import torch
 
 from post_training.data_preference.transforms import tiny_task_reward
 from post_training.errors import ConfigError, DataError
+from post_training.utils.progress import ItemProgress
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class RewardModel:
         device = next(self.model.parameters()).device
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         scores: dict[int, float] = {}
+        progress = ItemProgress("scoring rewards", len(texts), "completions")
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             enc = self.tokenizer(
@@ -161,4 +163,6 @@ class RewardModel:
             ).to(device)
             logits = self.model(**enc).logits[:, 0].float().tolist()
             scores.update(zip(chunk, logits, strict=True))
+            progress.update(len(chunk))
+        progress.finish()
         return [scores[i] for i in range(len(texts))]

@@ -50,6 +50,7 @@ from post_training.data_sft.tokenize import ChatEncoder, TokenizeOptions
 from post_training.errors import DataError
 from post_training.utils import job_lock
 from post_training.utils.config import config_hash, register_resolvers, to_container
+from post_training.utils.progress import silence_known_warnings
 from post_training.utils.run import lock_settings
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ R = TypeVar("R")
 def begin(cfg: DictConfig) -> tuple[dict[str, Any], Partition]:
     """Resolve the config and the partition of this run (errors before any work)."""
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    silence_known_warnings()
     config = to_container(cfg)
     return config, partition_from_config(config)
 

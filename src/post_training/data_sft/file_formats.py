@@ -123,6 +123,13 @@ def read_file(
 # --- UTF-8 ------------------------------------------------------------------------------------
 
 
+def json_error(err: json.JSONDecodeError) -> str:
+    """``Expecting ',' delimiter at column 12``; json's messages that end in "at" already
+    expect a position (``Unterminated string starting at column 5``, never "at at")."""
+    where = f"column {err.colno}"
+    return f"{err.msg} {where}" if err.msg.endswith(" at") else f"{err.msg} at {where}"
+
+
 def decode_utf8(data: bytes, path: Path, first_line: int = 1) -> str:
     """``data`` (the text of ``path`` from line ``first_line`` on) decoded as UTF-8; undecodable
     bytes raise :class:`DataError` naming the 1-based line and column of the first one."""
@@ -178,9 +185,7 @@ def parse_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})"
-                ) from None
+                raise DataError(f"{path}:{lineno}: invalid JSON ({json_error(err)})") from None
             if not isinstance(row, dict):
                 raise DataError(
                     f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}"
@@ -280,9 +285,7 @@ def read_json(path: Path, json_field: str | None = None) -> FileTable:
     except json.JSONDecodeError as err:
         if err.msg == "Extra data" and text.lstrip().startswith("{"):
             return read_jsonl(path)  # one object per line
-        raise DataError(
-            f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})"
-        ) from None
+        raise DataError(f"{path}:{err.lineno}: invalid JSON ({json_error(err)})") from None
     if isinstance(data, dict):
         if json_field is None:
             raise DataError(

@@ -11,8 +11,10 @@ the raw row, the canonical prompt / chosen / rejected and the tokens of both sid
 sees them (``data.truncation``, prompts up to ``model.max_seq_length - 1`` tokens).
 ``mode=token_stats`` tokenizes the whole split with the training options and prints tokens per
 source, prompt / completion / total length percentiles, the generation ratio (completion / prompt
-tokens), packing efficiency at ``model.max_seq_length`` and drops per reason; it writes
-``token_stats.json`` and a histogram ``token_stats.png`` into the run dir.
+tokens), packing efficiency at ``model.max_seq_length``, the examples longer than it (before
+truncation: dropped or truncated per ``data.truncation``) and drops per reason; it writes
+``token_stats.json`` and a histogram ``token_stats.png`` into the run dir (the total-length panel
+shows lengths before truncation, ``max_seq_length`` marked by a vertical line).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from post_training.data_sft.dataset_config import dataset_specs, load_train_eval
 from post_training.data_sft.packing import pack_examples, packing_efficiency
 from post_training.data_sft.sources import load_source
 from post_training.data_sft.templates import ChatTemplate, resolve_template
-from post_training.data_sft.tokenize import ChatEncoder, FilterReport
+from post_training.data_sft.tokenize import ChatEncoder, FilterReport, TokenizeOptions
 from post_training.data_sft.training_data import iter_messages, tokenize_options
 from post_training.data_sft.transforms import TRANSFORMS, import_transform_module
 from post_training.errors import ConfigError, DataError
@@ -65,11 +67,30 @@ def show_tokens(tokens: Sequence[str], completion: Sequence[int], color: bool) -
     return "".join(out)
 
 
-def _encoder(config: Mapping[str, Any]) -> tuple[Any, ChatEncoder, ChatTemplate | None]:
+class LengthRecordingEncoder(ChatEncoder):
+    """A :class:`ChatEncoder` that also records, in ``full_lengths``, the length before
+    truncation of every example that reaches the length check (those the role and empty-turn
+    filters kept), BOS included: what ``max_seq_length`` is compared with."""
+
+    def __init__(self, tokenizer: Any, template: Any, options: TokenizeOptions) -> None:
+        super().__init__(tokenizer, template, options)
+        self.full_lengths: list[int] = []
+
+    def _example(
+        self, enc: Any, spans: list[tuple[int, int]], report: FilterReport
+    ) -> dict[str, np.ndarray] | None:
+        ids = enc.ids
+        bos = self.options.add_bos and (len(ids) == 0 or ids[0] != self.bos_id)
+        self.full_lengths.append(len(ids) + int(bos))
+        return super()._example(enc, spans, report)
+
+
+def _encoder(config: Mapping[str, Any]) -> tuple[Any, LengthRecordingEncoder, ChatTemplate | None]:
     tokenizer = load_tokenizer(config["model"])
     template = resolve_template(config["model"].get("chat_template"))
     template = template if isinstance(template, ChatTemplate) else None
-    return tokenizer, ChatEncoder(tokenizer, template, tokenize_options(config)), template
+    encoder = LengthRecordingEncoder(tokenizer, template, tokenize_options(config))
+    return tokenizer, encoder, template
 
 
 def _split(config: Mapping[str, Any], split: str) -> Any:
@@ -208,6 +229,8 @@ def token_stats(config: Mapping[str, Any], split: str) -> dict[str, Any]:
         entry["completion_tokens"] += c
     capacity = int(config["model"]["max_seq_length"])
     packed, _ = pack_examples(examples, capacity) if examples else ([], [])
+    full = np.array(encoder.full_lengths, dtype=np.int64)
+    above = int((full > capacity).sum())
     return {
         "split": split,
         "examples": len(examples),
@@ -224,27 +247,58 @@ def token_stats(config: Mapping[str, Any], split: str) -> dict[str, Any]:
             "efficiency": packing_efficiency(packed, capacity),
             "padded_efficiency": float(total.sum() / max(len(total) * total.max(initial=1), 1)),
         },
+        "above_max_seq_length": {
+            "max_seq_length": capacity,
+            "examples": above,
+            "of": len(full),
+            "share": above / max(len(full), 1),
+            "handling": "truncated" if encoder.options.truncation == "truncate" else "dropped",
+        },
         "filters": report.as_dict(),
-        "_lengths": {"prompt": prompt, "completion": completion, "total": total},
+        "_lengths": {"prompt": prompt, "completion": completion, "total": full},
     }
 
 
-def write_histogram(lengths: Mapping[str, np.ndarray], path: Path, title: str) -> None:
-    import matplotlib
+def histogram_figure(
+    lengths: Mapping[str, np.ndarray], title: str, above: Mapping[str, Any] | None = None
+) -> Any:
+    """The token-length histograms (a matplotlib ``Figure``, Agg canvas, no pyplot): one panel
+    per entry of ``lengths``; ``above`` (:func:`token_stats`' ``above_max_seq_length``) marks
+    ``max_seq_length`` on the ``total`` panel with a vertical line labelled
+    ``max_seq_length=N``, the examples above it counted in that panel's title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 3.5))
-    for ax, (name, values) in zip(np.atleast_1d(axes), lengths.items(), strict=True):
+    fig = Figure(figsize=(5 * len(lengths), 3.8), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(1, len(lengths)))
+    for ax, (name, values) in zip(axes, lengths.items(), strict=True):
         ax.hist(values, bins=50, color="tab:blue")
         ax.set_title(f"{name} tokens")
         ax.set_xlabel("tokens")
         ax.set_ylabel("examples")
+        if name == "total" and above is not None:
+            limit = int(above["max_seq_length"])
+            ax.axvline(limit, color="tab:red", linestyle="--", label=f"max_seq_length={limit}")
+            ax.set_title(
+                f"total tokens (before truncation)\n{above['examples']} of {above['of']} "
+                f"({100 * above['share']:.1f}%) above max_seq_length: {above['handling']}",
+                fontsize=10,
+            )
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def write_histogram(
+    lengths: Mapping[str, np.ndarray],
+    path: Path,
+    title: str,
+    above: Mapping[str, Any] | None = None,
+) -> None:
+    """Save :func:`histogram_figure` as the PNG ``path``."""
+    histogram_figure(lengths, title, above).savefig(path, dpi=100)
 
 
 def format_stats(stats: Mapping[str, Any]) -> str:
@@ -266,6 +320,14 @@ def format_stats(stats: Mapping[str, Any]) -> str:
         f"packing at {stats['packing']['max_seq_length']}: {stats['packing']['bins']} bins, "
         f"{100 * stats['packing']['efficiency']:.1f}% full "
         f"(padded batches of the longest: {100 * stats['packing']['padded_efficiency']:.1f}%)",
+        *(
+            [
+                f"above max_seq_length={a['max_seq_length']} (before truncation): "
+                f"{a['examples']} of {a['of']} examples ({100 * a['share']:.1f}%), {a['handling']}"
+            ]
+            if (a := stats.get("above_max_seq_length"))
+            else []
+        ),
         f"drops per reason: {stats['filters']['dropped'] or 'none'}",
     ]
     return "\n".join(lines)
@@ -296,7 +358,12 @@ def run(cfg: DictConfig) -> dict[str, Any] | str:
     run_dir = Path(config["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "token_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    write_histogram(lengths, run_dir / "token_stats.png", f"{config['dataset']['name']} {split}")
+    write_histogram(
+        lengths,
+        run_dir / "token_stats.png",
+        f"{config['dataset']['name']} {split}",
+        stats["above_max_seq_length"],
+    )
     print(format_stats(stats), flush=True)
     print(f"Written {run_dir / 'token_stats.json'} and {run_dir / 'token_stats.png'}", flush=True)
     return stats

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from post_training.data_sft.file_formats import decode_utf8
+from post_training.data_sft.file_formats import decode_utf8, json_error
 from post_training.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -43,7 +43,7 @@ def read_jsonl_messages(path: str | Path, messages_field: str = "messages") -> l
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{where}: invalid JSON ({err.msg})") from None
+                raise DataError(f"{where}: invalid JSON ({json_error(err)})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: each line must be a JSON object")
             if messages_field not in row:

@@ -11,7 +11,8 @@ top level is an object). The mixture keys (``transform``, ``weight``, ...) are r
 
 * ``jsonl:P``, ``json:P``, ``parquet:P``, ``csv:P``, ``text:P``: file(s) ``P`` in that format;
 * ``local:DIR``: a dataset saved with ``save_to_disk`` (``Dataset`` or ``DatasetDict``);
-* ``hf:ID``: a Hub dataset, from the local cache when ``HF_HUB_OFFLINE=1``;
+* ``hf:ID``: a Hub dataset; when ``HF_HUB_OFFLINE=1``, its snapshot in the Hub cache (what
+  ``python -m post_training.download`` fetches) or ``datasets``' cache of an earlier load;
 * a glob (``data/*.jsonl``): every matched file, sorted, format from the extension (one format);
 * an existing file (format from the extension: ``.jsonl .json .parquet .csv .txt``) or a
   directory saved with ``save_to_disk``;
@@ -35,12 +36,12 @@ from typing import Any
 
 import datasets
 from datasets import Dataset, DatasetDict
-from datasets.exceptions import DatasetNotFoundError
 from datasets.table import InMemoryTable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from post_training.data_sft.file_formats import EXTENSIONS, FORMATS, Locate, format_of, read_files
 from post_training.errors import ConfigError, DataError
+from post_training.utils import hub_cache
 
 SOURCE_KEYS = (
     "path",
@@ -186,29 +187,43 @@ def _fingerprint(ref: SourceRef, spec: Mapping[str, Any], dataset: Dataset | Non
     return stable_hash(["hub", ref.target, _options(spec), _stat(cache_files)])
 
 
+def _offline_hub_target(
+    ref: SourceRef, spec: Mapping[str, Any], where: str
+) -> tuple[str, dict[str, Any]]:
+    """Offline, what ``datasets.load_dataset`` is given for a Hub dataset: its snapshot in the
+    Hub cache (what ``python -m post_training.download`` fetched), read as a local dataset
+    directory (its card's subsets included), else the id for the Arrow cache of an earlier
+    online load. Neither: the one-line error with the fetch command."""
+    options = {"name": spec.get("config_name"), "data_files": spec.get("data_files")}
+    snapshot = hub_cache.snapshot_dir(ref.target, "dataset")
+    if snapshot is not None:
+        if options["name"] and options["data_files"] is None:
+            declared = hub_cache.card_data_files(snapshot, options["name"])
+            if declared is not None:  # only the subset's files may have been fetched
+                options["data_files"], options["data_dir"] = declared
+        return str(snapshot), options
+    if hub_cache.in_arrow_cache(ref.target, spec.get("cache_dir")):
+        return ref.target, options
+    problem = hub_cache.dataset_cache_problem(ref.target, (), spec.get("cache_dir"))
+    fetch = hub_cache.dataset_fetch_args(where, ref.target, spec)
+    raise DataError(
+        f"{where}: cannot load Hub dataset '{ref.target}': "
+        + hub_cache.not_cached_line("it", problem or "is not in the local cache", fetch)
+    )
+
+
 def _load_hub(ref: SourceRef, spec: Mapping[str, Any], where: str) -> Dataset:
     split = spec.get("split") or "train"
+    target = ref.target
+    options = {"name": spec.get("config_name"), "data_files": spec.get("data_files")}
+    if datasets.config.HF_HUB_OFFLINE:
+        target, options = _offline_hub_target(ref, spec, where)
     try:
-        ds = datasets.load_dataset(
-            ref.target,
-            name=spec.get("config_name"),
-            split=split,
-            data_files=spec.get("data_files"),
-            cache_dir=spec.get("cache_dir"),
-        )
+        ds = datasets.load_dataset(target, split=split, cache_dir=spec.get("cache_dir"), **options)
     except Exception as err:
-        hint = ""
-        missing = (ConnectionError, FileNotFoundError, DatasetNotFoundError)
-        if datasets.config.HF_HUB_OFFLINE and isinstance(err, missing):
-            cache = spec.get("cache_dir") or datasets.config.HF_DATASETS_CACHE
-            hint = (
-                f" HF_HUB_OFFLINE=1 and it is not in the local cache ({cache}): load it once "
-                f"with network (datasets.load_dataset('{ref.target}') under the same HF_HOME), "
-                "or save it to local files and point 'path' at them."
-            )
         raise DataError(
             f"{where}: cannot load Hub dataset '{ref.target}' split '{split}' "
-            f"({type(err).__name__}: {err}).{hint}"
+            f"({type(err).__name__}: {err})."
         ) from err
     return ds
 

@@ -62,6 +62,7 @@ from transformers import PreTrainedTokenizerBase
 from post_training.data_sft.templates import ROLES, TEXT_ROLE, ChatTemplate
 from post_training.errors import ConfigError, DataError
 from post_training.losses.constants import IGNORE_INDEX
+from post_training.utils.progress import ItemProgress
 
 log = logging.getLogger(__name__)
 
@@ -381,8 +382,10 @@ class ChatEncoder:
         report: FilterReport | None = None,
         locate: Callable[[int], str] | None = None,
         drop_empty_turns: bool = False,
+        progress: ItemProgress | None = None,
     ) -> tuple[list[dict[str, np.ndarray]], list[int]]:
-        """Tokenized examples and, for each, the index of its conversation in the input.
+        """Tokenized examples and, for each, the index of its conversation in the input
+        (``progress`` is told of every conversation read).
 
         An item ``(messages, train_from)`` trains only the replies after
         ``messages[:train_from]`` (a preference prompt may hold earlier assistant turns).
@@ -412,6 +415,8 @@ class ChatEncoder:
         for index, item in enumerate(conversations):
             messages, train_from = item if isinstance(item, tuple) else (item, 0)
             report.total += 1
+            if progress is not None:
+                progress.update()
             row_where = locate(index) if locate is not None else f"{where}: row {index + 1}"
             try:
                 if not messages:
@@ -434,6 +439,8 @@ class ChatEncoder:
                 flush()
         if texts:
             flush()
+        if progress is not None:
+            progress.finish()
         report.kept = len(examples)
         return examples, kept_index
 

@@ -37,6 +37,7 @@ from post_training.data_sft.tokenize import (
 from post_training.errors import DataError
 from post_training.utils.atomic import atomic_dir
 from post_training.utils.config import config_hash
+from post_training.utils.progress import ItemProgress
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +181,10 @@ def _tokenize_splits(
         if isinstance(spec, Mapping) and "from_train" in spec:  # rows of the train sources
             spec, part = None, load_report.get("train") or {}
         locate = row_locator(spec, ds, part.get("sources") or {}, f"dataset.{split}")
+        log.info("Tokenizing the %s split: %d conversations", split, len(ds))
+        progress = ItemProgress(f"tokenizing {split}", len(ds), "conversations")
         examples, index = encoder.encode(
-            iter_messages(ds), f"dataset.{split}", report, locate, drop_empty_turns=True
+            iter_messages(ds), f"dataset.{split}", report, locate, True, progress
         )
         log.info(report.summary(f"{split} split"))
         out[split] = (examples, index, report.as_dict())

@@ -1,9 +1,10 @@
 """Load the tokenizer and causal LM of a ``model/*.yaml`` config (offline, safetensors only).
 
 Every ``*_name_or_path`` is checked before Hugging Face sees it (:func:`check_model_path`): a
-local directory that does not exist, or a Hub id that is not in the local cache when
-``HF_HUB_OFFLINE=1``, is one :class:`~post_training.errors.ConfigError` line naming the key
-and the path, rather than the hub client's ``Repo id must be in the form ...``.
+local directory that does not exist, a Hub id that is not (or only partly) in the local cache
+when ``HF_HUB_OFFLINE=1``, or one the Hub does not know when downloads are on, is one
+:class:`~post_training.errors.ConfigError` line naming the key, the id and the command that
+fetches it, rather than the hub client's traceback.
 """
 
 from __future__ import annotations
@@ -12,10 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import huggingface_hub
 import torch
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-from huggingface_hub.utils import validate_repo_id
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -26,6 +24,8 @@ from transformers import (
 
 from post_training.data_sft.templates import TEMPLATES, ChatTemplate, resolve_template
 from post_training.errors import ConfigError
+from post_training.utils import hub_cache
+from post_training.utils.hub_cache import ModelNeeds
 
 log = logging.getLogger(__name__)
 
@@ -38,47 +38,58 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _is_hub_id(value: str) -> bool:
-    """``name`` or ``org/name`` as the Hub spells repository ids (not a path: no leading
-    ``/``, ``.`` or ``~``, at most one ``/``)."""
-    try:
-        validate_repo_id(value)
-    except HFValidationError:
-        return False
-    return True
+def _needs(key: str, needs: ModelNeeds | None) -> ModelNeeds:
+    """What ``key`` reads: a tokenizer key its tokenizer, any other a config and weights."""
+    if needs is not None:
+        return needs
+    if key.endswith("tokenizer_name_or_path"):
+        return ModelNeeds(config=False, weights=False, tokenizer=True)
+    return ModelNeeds()
 
 
-def check_model_path(value: str, key: str, cache_dir: str | None = None) -> None:
+def check_model_path(
+    value: str, key: str, cache_dir: str | None = None, needs: ModelNeeds | None = None
+) -> None:
     """:class:`ConfigError` unless ``value`` (config key ``key``) is an existing local directory
-    or a Hub id; with ``HF_HUB_OFFLINE=1`` the Hub id must be in the local cache (``cache_dir``,
-    default the Hub's). Relative paths are relative to the working directory."""
+    or a Hub id the run can get: with ``HF_HUB_OFFLINE=1`` it must be in the local cache
+    (``cache_dir``, default the Hub's) with what ``needs`` asks (default: a tokenizer key its
+    tokenizer files, another key ``config.json`` + safetensors weights); online, when it is not
+    cached, the Hub must know it. The error names the fetch command
+    (:mod:`post_training.utils.hub_cache`). Relative paths are relative to the working
+    directory."""
     path = Path(value).expanduser()
     if path.is_dir():
         return
     if path.exists():
         raise ConfigError(f"{key}={value!r}: is a file; give the model's directory or a Hub id")
     full = "" if str(path.absolute()) == value else f" ({path.absolute()})"
-    if not _is_hub_id(value):
+    if not hub_cache.is_hub_id(value):
         raise ConfigError(f"{key}={value!r}: no such directory{full}")
-    if not huggingface_hub.is_offline_mode():
-        return  # downloaded if it exists on the Hub
-    try:
-        huggingface_hub.snapshot_download(value, local_files_only=True, cache_dir=cache_dir)
-    except LocalEntryNotFoundError:
-        cache = cache_dir or huggingface_hub.constants.HF_HUB_CACHE
-        raise ConfigError(
-            f"{key}={value!r}: no such local directory{full}, and not in the offline Hub cache "
-            f"{cache} (HF_HUB_OFFLINE=1: download it once with HF_HUB_OFFLINE=0, or give the "
-            "path of a local copy)"
-        ) from None
+    problem = hub_cache.model_cache_problem(value, _needs(key, needs), cache_dir=cache_dir)
+    if problem is None:
+        return
+    if hub_cache.offline():
+        line = hub_cache.not_cached_line(
+            f"{key}={value!r}", problem, hub_cache.model_fetch_args(key, value)
+        )
+        raise ConfigError(f"{line} (or give the path of a local copy)")
+    access = hub_cache.hub_access_problem(value)
+    if access is not None:
+        raise ConfigError(f"{key}={value!r}: no such local directory{full}, and it {access}")
 
 
 def check_model_paths(model_cfg: dict[str, Any], section: str = "model") -> None:
     """:func:`check_model_path` on ``model_name_or_path`` and ``tokenizer_name_or_path`` of a
-    ``model`` config section (named ``section`` in errors): call it before anything is written."""
-    for name in ("model_name_or_path", "tokenizer_name_or_path"):
-        if model_cfg.get(name):
-            check_model_path(str(model_cfg[name]), f"{section}.{name}")
+    ``model`` config section (named ``section`` in errors): call it before anything is written.
+    The weights are needed unless ``init_from_config``."""
+    weights = not model_cfg.get("init_from_config")
+    model, tokenizer = model_cfg.get("model_name_or_path"), model_cfg.get("tokenizer_name_or_path")
+    if model:
+        same = model == tokenizer
+        needs = ModelNeeds(config=True, weights=weights, tokenizer=same)
+        check_model_path(str(model), f"{section}.model_name_or_path", needs=needs)
+    if tokenizer and tokenizer != model:
+        check_model_path(str(tokenizer), f"{section}.tokenizer_name_or_path")
 
 
 def _apply_special_tokens(tokenizer: PreTrainedTokenizerBase, special: dict[str, Any]) -> None:
@@ -261,7 +272,8 @@ def load_model(
         common["quantization_config"] = quantization_config(model_cfg, model_args or {})
         common["device_map"] = {"": PartialState().local_process_index}
     path = model_cfg["model_name_or_path"]
-    check_model_path(path, key)
+    weights = not model_cfg["init_from_config"]
+    check_model_path(path, key, needs=ModelNeeds(config=True, weights=weights))
     if model_cfg["init_from_config"]:
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"])
         with torch.random.fork_rng(devices=[]):

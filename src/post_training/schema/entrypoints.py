@@ -17,7 +17,13 @@ from post_training.schema.sections import (
     TorchDtype,
 )
 from post_training.schema.trainers import PreferenceTrainers, SFTTrainers
-from post_training.schema.training import Evaluation, PreferenceTrainingArgs, SFTTrainingArgs
+from post_training.schema.training import (
+    Evaluation,
+    HarnessBatchSize,
+    HarnessLimit,
+    PreferenceTrainingArgs,
+    SFTTrainingArgs,
+)
 
 
 # ---------------------------------------------------------------------------------- training
@@ -65,14 +71,38 @@ class TrainPreference(Setup):
 
 
 # ---------------------------------------------------------------------------------- others
+class HarnessOptions(Section):
+    tasks: list[str] = Field(description="lm-eval tasks, groups or tags (empty: no harness)")
+    batch_size: HarnessBatchSize = Field(description="prompts per batch, or auto")
+    device: str = Field(
+        pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto: cuda if available, else cpu"
+    )
+    limit: HarnessLimit = Field(description="examples per task (null: all; < 1: a fraction)")
+    num_fewshot: NonNegativeInt | None = Field(description="null: each task's default")
+    apply_chat_template: bool = Field(description="prompts through the checkpoint's template")
+    include_path: str | list[str] | None = Field(description="dirs of local task YAMLs")
+    output_file: str | None = Field(description="null: <model_path>/eval-harness.json")
+
+
 class Evaluate(Setup):
     dataset: Dataset
     model_path: str = Field(min_length=1, description="a checkpoint dir the trainers wrote")
+    exact_match: bool = Field(description="exact match on dataset (false: only harness.tasks)")
     output_file: str | None = Field(description="null: <model_path>/eval-<dataset.name>.json")
     max_new_tokens: PositiveInt = Field(description="generation length")
     batch_size: PositiveInt = Field(description="prompts per generate call")
     max_examples: PositiveInt | None = Field(description="cap on evaluated examples")
     torch_dtype: TorchDtype = Field(description="weights dtype")
+    harness: HarnessOptions
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> Evaluate:
+        if not self.exact_match and not self.harness.tasks:
+            raise ValueError(
+                "exact_match=false with harness.tasks=[]: nothing to evaluate (name lm-eval "
+                "tasks, e.g. harness.tasks=[tiny_tasks])"
+            )
+        return self
 
 
 class MergeMethod(Section):

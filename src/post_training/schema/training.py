@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
+from pydantic import (
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from post_training.schema.base import Section
 
@@ -103,8 +110,32 @@ class PreferenceTrainingArgs(TrainingArgs):
     )
 
 
+HarnessLimit = PositiveInt | Annotated[float, Field(gt=0, lt=1)] | None
+"""lm-eval's ``limit``: examples per task, a fraction of each task below 1, or null (all)."""
+
+HarnessBatchSize = PositiveInt | Literal["auto"]
+"""lm-eval's batch size: prompts per forward, or ``auto`` (the largest that fits)."""
+
+
 class Evaluation(Section):
     at_end: bool = Field(description="exact-match accuracy of greedy generations at the end")
     max_new_tokens: PositiveInt = Field(description="generation length")
     batch_size: PositiveInt = Field(description="prompts per generate call")
     max_examples: PositiveInt | None = Field(description="cap on evaluated examples")
+    harness_every: NonNegativeInt = Field(
+        description="lm-eval harness every N optimizer steps and at the last (0: off)"
+    )
+    harness_tasks: list[str] = Field(description="lm-eval tasks of harness_every: [tiny_tasks]")
+    harness_limit: HarnessLimit = Field(description="examples per harness task (null: all)")
+    harness_batch_size: HarnessBatchSize = Field(description="harness prompts per batch (or auto)")
+
+    @field_validator("harness_tasks")
+    @classmethod
+    def _tasks_when_on(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        every = info.data.get("harness_every")
+        if every and not value:
+            raise ValueError(
+                f"must name at least one lm-eval task when evaluation.harness_every={every} "
+                "(> 0), e.g. evaluation.harness_tasks=[tiny_tasks]"
+            )
+        return value

@@ -30,9 +30,11 @@ from post_training.data_sft.sampling import epoch_batches
 from post_training.errors import ConfigError, StorageFull
 from post_training.modeling.loading import is_peft_model, merged_from_adapter
 from post_training.utils import checkpointing as ckpt
+from post_training.utils import run_status
 from post_training.utils.atomic import atomic_dir
 from post_training.utils.failpoints import failpoint
 from post_training.utils.flops import ModelFlops, device_peak_flops
+from post_training.utils.progress import TrainProgress, silence_known_warnings
 from post_training.utils.run import RunContext
 from post_training.utils.signals import GracefulStop
 from post_training.utils.tracking import MetricsLogger
@@ -283,12 +285,19 @@ class Trainer(ABC):
     def train(self) -> TrainOutcome:
         self.resumed_from = self._resume()
         stopper = GracefulStop().install()
+        silence_known_warnings()
+        progress = TrainProgress(
+            self.state.total_steps,
+            self.state.global_step,
+            enabled=self.accelerator.is_main_process,
+        )
         try:
-            return self._train_loop(stopper)
+            with progress.shown():
+                return self._train_loop(stopper, progress)
         finally:
             stopper.uninstall()
 
-    def _train_loop(self, stopper: GracefulStop) -> TrainOutcome:
+    def _train_loop(self, stopper: GracefulStop, progress: TrainProgress) -> TrainOutcome:
         args, state = self.args, self.state
         log.info(
             "Training %d steps from step %d: %d examples, global batch %d "
@@ -324,10 +333,13 @@ class Trainer(ABC):
             }
             for callback in self.callbacks:
                 callback.on_step_end(self, done)
+            progress.step(step)
             if step % args.logging_steps == 0 or step == state.total_steps or stop_now:
-                self._log_train(window, grad_norm, lr)
+                progress.train(step, self._log_train(window, grad_norm, lr))
+            elif progress.interim_due():  # logging steps far apart: the window so far
+                progress.train(step, self._window_metrics(window, grad_norm, lr), interim=True)
             if self._eval_due(step):
-                self.log(self.evaluate_loss(), step)
+                progress.eval(step, self._log_eval(step))
                 evaluated_at = step
             every = args.inference_checkpoint_steps
             if every and step % every == 0:
@@ -349,7 +361,7 @@ class Trainer(ABC):
         if last_saved is None or ckpt.step_of(last_saved) != state.global_step:
             last_saved = self.save_checkpoint()
         if self.eval_data and self.eval_strategy != "no" and evaluated_at != state.global_step:
-            self.log(self.evaluate_loss(), state.global_step)
+            progress.eval(state.global_step, self._log_eval(state.global_step))
         final = self.run.checkpoint_dir / FINAL_MODEL_DIR
         if is_peft_model(self.accelerator.unwrap_model(self.model)):
             self.save_model(self.run.checkpoint_dir / FINAL_ADAPTER_DIR)
@@ -455,7 +467,22 @@ class Trainer(ABC):
             "start": time.perf_counter(),
         }
 
-    def _log_train(self, window: dict[str, Any], grad_norm: float, lr: float) -> None:
+    def _log_train(self, window: dict[str, Any], grad_norm: float, lr: float) -> dict[str, float]:
+        """Log the metrics of the window since the last log, start a new window; the metrics."""
+        metrics = self._window_metrics(window, grad_norm, lr)
+        self.log(metrics, self.state.global_step)
+        window.update(self._new_window())
+        return metrics
+
+    def _log_eval(self, step: int) -> dict[str, float]:
+        metrics = self.evaluate_loss()
+        self.log(metrics, step)
+        return metrics
+
+    def _window_metrics(
+        self, window: dict[str, Any], grad_norm: float, lr: float
+    ) -> dict[str, float]:
+        """The training metrics of the steps in ``window`` (last step's grad norm and lr)."""
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
         step = self.state.global_step
         sums, counts = window["sums"], window["counts"]
@@ -473,12 +500,14 @@ class Trainer(ABC):
         metrics["perf/tflops"] = flops_per_device / 1e12
         metrics["perf/mfu"] = flops_per_device / self.peak_flops
         metrics["peak_memory_gb"] = peak_memory_gb(self.accelerator.device)
-        self.log(metrics, step)
-        window.update(self._new_window())
+        return metrics
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Record ``metrics`` at ``step`` (metrics.jsonl, trackers) and tell the callbacks."""
+        """Record ``metrics`` at ``step`` (metrics.jsonl, trackers, the run's status.json) and
+        tell the callbacks."""
         self.metrics.log(metrics, step)
+        if self.accelerator.is_main_process:
+            run_status.update(last_step=step)
         for callback in self.callbacks:
             callback.on_log(self, metrics, step)
 

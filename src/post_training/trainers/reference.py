@@ -36,6 +36,7 @@ from post_training.trainers.preference import pair_statistics
 from post_training.trainers.sft import sft_forward
 from post_training.utils.atomic import atomic_file
 from post_training.utils.config import config_hash
+from post_training.utils.progress import ItemProgress
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def summed_logps(
     was_training = model.training
     model.eval()
     out = []
+    progress = ItemProgress("reference log-probs", len(examples), "examples")
     try:
         for start in range(0, len(examples), batch_size):
             batch = pad_collate(list(examples[start : start + batch_size]), pad_token_id)
@@ -81,6 +83,8 @@ def summed_logps(
             else:
                 mask = result["completion"].to(result["logps"].dtype)
                 out.append((result["logps"] * mask).sum(-1))
+            progress.update(len(batch["input_ids"]))
+        progress.finish()
     finally:
         model.train(was_training)
     return torch.cat(out).double().cpu().numpy()

@@ -24,7 +24,7 @@ import yaml
 from omegaconf import DictConfig
 
 from post_training.errors import ConfigError
-from post_training.utils import job_lock
+from post_training.utils import job_lock, run_status
 from post_training.utils.atomic import atomic_write_json, atomic_write_text
 from post_training.utils.checkpointing import complete_checkpoints, resume_candidates
 from post_training.utils.config import config_hash, diff_configs, to_container
@@ -191,6 +191,7 @@ def setup_run(cfg: DictConfig, accelerator: Accelerator | None = None) -> RunCon
         if not (checkpoint_dir / CONFIG_FILE).exists():
             dump_yaml(resolved, checkpoint_dir / CONFIG_FILE)
         atomic_write_json(run_dir / "command.json", {"argv": sys.argv, "config_hash": this_hash})
+        run_status.start(run_dir, resolved["entrypoint"], resume_from)
     if several:
         accelerator.wait_for_everyone()
         hydra_dir = _hydra_output_dir() or own_dir
@@ -201,3 +202,24 @@ def setup_run(cfg: DictConfig, accelerator: Accelerator | None = None) -> RunCon
     if resume_from is not None:
         log.info("Resuming from %s", resume_from)
     return RunContext(run_dir, checkpoint_dir, resolved, this_hash, resume_from, tuple(candidates))
+
+
+TRACKER_ID_FILE = "tracker-run-id.txt"
+
+
+def tracker_run_id(run: RunContext, job_subdir: str) -> str:
+    """The tracker (wandb) run id of ``run``: a resumable job keeps one id across its launches
+    (kept in its checkpoint dir, made by the first launch); any other run gets its own id
+    (``<job>-<config hash>-<run dir name>``), so that two runs of one config never merge."""
+    fresh = f"{job_subdir}-{run.config_hash}-{run.run_dir.name}"
+    if not run.config["resuming"]["resume"]:
+        return fresh
+    path = run.checkpoint_dir / TRACKER_ID_FILE
+    try:
+        kept = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        kept = ""
+    if kept:
+        return kept
+    atomic_write_text(path, fresh + "\n")
+    return fresh
