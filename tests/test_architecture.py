@@ -44,7 +44,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("schema", "data_sft"),  # typed configs; SFT data: sources, mixtures, templates, tokens
     ("modeling", "data_preference"),  # tokenizer + model loading; preference pairs
     ("trainers",),  # the training loop and its loss-family subclasses
-    ("data_alignment", "exact_match", "model_merging", "harness"),  # pipelines over the above
+    # pipelines over the above; a run's plots; the --help listing
+    ("data_alignment", "exact_match", "model_merging", "harness", "report", "config_help"),
     ("assets",),  # task code that lm-eval loads by path (assets/tiny-tasks/lm-eval/utils.py)
     ("frame",),  # the run frame shared by the training entrypoints
     (

@@ -162,7 +162,9 @@ def test_qlora_is_refused_on_cpu_with_the_reason(artifacts: Path) -> None:
     # Only what Hydra writes before the job starts (.hydra/, the job log): no config, data
     # cache, metrics or checkpoints.
     written = [p for p in artifacts.rglob("*") if p.is_file()]
-    assert all(".hydra" in p.parts or p.suffix == ".log" for p in written), written
+    # (and status.json, marking the launch failed)
+    assert all(".hydra" in p.parts or p.suffix == ".log" or p.name == "status.json"
+               for p in written), written  # fmt: skip
 
     with pytest.raises(ConfigError, match="needs a CUDA GPU and the bitsandbytes package"):
         check_quantization({}, {"use_peft": True, "load_in_4bit": True})
@@ -185,8 +187,8 @@ def test_a_missing_model_dir_or_uncached_hub_id_is_one_line(tmp_path: Path, monk
         ),
         (
             "no-such-org/no-such-model",  # a Hub id; HF_HUB_OFFLINE=1 in the tests
-            f"model.tokenizer_name_or_path='no-such-org/no-such-model': no such local directory "
-            f"({tmp_path}/no-such-org/no-such-model), and not in the offline Hub cache",
+            "model.tokenizer_name_or_path='no-such-org/no-such-model' is not in the local "
+            "Hugging Face cache",
         ),
     ]:
         with pytest.raises(ConfigError) as err:
@@ -204,4 +206,7 @@ def test_a_missing_model_dir_or_uncached_hub_id_is_one_line(tmp_path: Path, monk
     (snapshot / "config.json").write_text("{}")
     (tmp_path / "hub" / "models--org--name" / "refs").mkdir()
     (tmp_path / "hub" / "models--org--name" / "refs" / "main").write_text("abc")
+    with pytest.raises(ConfigError, match="only partly in the local Hugging Face cache"):
+        check_model_path("org/name", "model.model_name_or_path", cache_dir=str(tmp_path / "hub"))
+    (snapshot / "model.safetensors").write_text("")  # config + weights: what a model key reads
     check_model_path("org/name", "model.model_name_or_path", cache_dir=str(tmp_path / "hub"))

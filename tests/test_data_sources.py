@@ -261,7 +261,8 @@ def test_uncached_hub_dataset_offline_is_a_clear_error(tmp_path: Path) -> None:
             load_source({"path": path, "cache_dir": str(tmp_path / "cache")}, where="dataset.eval")
         text = str(err.value)
         assert "dataset.eval: cannot load Hub dataset 'post-training-tests/not-cached'" in text
-        assert "HF_HUB_OFFLINE=1 and it is not in the local cache" in text
+        assert "is not in the local Hugging Face cache" in text
+        assert "downloads are off (HF_HUB_OFFLINE=1); fetch it once with: HF_HUB_OFFLINE=0" in text
 
 
 def _cache_hub_dataset(cache: Path, repo_id: str, data: Path) -> None:

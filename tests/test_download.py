@@ -160,7 +160,7 @@ def test_a_model_and_dataset_in_the_hub_cache_train_offline(
     shutil.copy(ASSETS_DIR / "tiny-tasks" / "train.jsonl", data / "train.jsonl")
     cache_repo(cache, DATASET_ID, data, "dataset")
     model = [f"model.model_name_or_path={MODEL_ID}", "model.init_from_config=false"]
-    dataset = [f"dataset.train.path=hf:{DATASET_ID}", "dataset.max_train_examples=64"]
+    dataset = [f"dataset.train.path=hf:{DATASET_ID}"]
 
     shown = run_entrypoint("download", [*model, *dataset], artifacts, env=env)  # nothing to fetch
     assert "everything is in the local cache already" in shown.stdout
@@ -168,7 +168,8 @@ def test_a_model_and_dataset_in_the_hub_cache_train_offline(
     assert str(snapshot) in shown.stdout
     assert "python -m post_training.train_sft model.model_name_or_path=" in shown.stdout
 
-    args = [*QUICK, *model, *dataset, "training_args.max_steps=2", "job_subdir=hub"]
+    args = [*QUICK, *model, *dataset, "dataset.max_train_examples=64", "training_args.max_steps=2"]
+    args.append("job_subdir=hub")
     run_entrypoint("train_sft", args, artifacts, env={**env, "HF_ENDPOINT": CLOSED_PORT})
     assert list(job_dir(artifacts, "hub").rglob("final-model/model.safetensors"))
 

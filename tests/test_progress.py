@@ -68,6 +68,17 @@ def test_item_progress_prints_rate_and_eta_then_a_closing_line(caplog) -> None:
         r"generating: 25/100 prompts \(25\.0%\) \| \S+ prompts/s \| eta \S+", lines[0]
     )
     assert re.fullmatch(r"generating: 100/100 prompts \(100\.0%\) \| .* \| done in \S+", lines[-1])
+    caplog.clear()
+    with progress.labelled("compute_rewards partition-00001-of-00004"):
+        labelled = progress.ItemProgress("scoring rewards", 2, enabled=True, interval_s=0.0)
+        labelled.update(1)
+    assert (
+        caplog.records[0]
+        .getMessage()
+        .startswith(
+            "compute_rewards partition-00001-of-00004: scoring rewards: 1/2 rows (50.0%) | "
+        )
+    )
     # A quick loop prints nothing at all (no closing line either).
     caplog.clear()
     quiet = progress.ItemProgress("tokenizing", 10, enabled=True, interval_s=60)
@@ -162,7 +173,8 @@ def test_a_short_run_prints_progress_writes_status_and_report_and_no_save_warnin
     assert "step 20/20 (100.0%) | loss" in log_file  # the job log has them too
     status = json.loads((run_dir / "status.json").read_text())
     assert (status["state"], status["exit_code"], status["last_step"]) == ("completed", 0, 20)
-    assert (run_dir / "report.html").is_file()
+    assert "completed" in (run_dir / "report.html").read_text()  # status written before it
+    assert len(list((run_dir / "report-plots").glob("*.png"))) >= 4
     (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
     assert wandb_run.name.endswith(run_dir.name)
 
@@ -214,3 +226,39 @@ def test_json_errors_name_the_column_once(tmp_path: Path, text: str, message: st
     with pytest.raises(DataError) as info:
         read_jsonl(path)
     assert str(info.value) == f"{path}:1: invalid JSON ({message})"
+
+
+def test_alignment_stage_and_preference_training_show_progress(artifacts: Path) -> None:
+    """A stage's loop prints rows/s and ETA under its partition's name; a preference run's
+    lines carry its reward margin and accuracy (lines forced every loop: interval 0)."""
+    env = {"POST_TRAINING_PROGRESS_INTERVAL_S": "0"}
+    stage = ["wandb.mode=disabled", "dataset.max_train_examples=6"]
+    run_entrypoint("data_alignment.filter_dataset_for_model", stage, artifacts)
+    args = [*stage, "generation.num_completions=2", "generation.batch_size=2"]
+    proc = run_entrypoint("data_alignment.generate_ref_completions", args, artifacts, env=env)
+    lines = re.findall(r"\[post_training\.progress\]\[INFO\] - (.*)", proc.stdout + proc.stderr)
+    assert re.fullmatch(
+        r"generate_ref_completions partition-00000-of-00001: generating: 2/6 prompts \(33\.3%\)"
+        r" \| \S+ prompts/s \| eta \S+",
+        lines[0],
+    ), lines
+    assert lines[-1].endswith(tuple(f"done in {s}s" for s in range(60)))
+
+    quick = ["wandb.mode=disabled", "tensorboard=false", "job_subdir=pref",
+             "training_args.num_train_epochs=null", "training_args.max_steps=4",
+             "training_args.logging_steps=2", "evaluation.at_end=false"]  # fmt: skip
+    proc = run_entrypoint("train_preference", quick, artifacts)
+    steps = re.findall(r"\[post_training\.progress\]\[INFO\] - (step \d+/4 .*)", proc.stdout)
+    assert [s.split()[1] for s in steps if "(running)" not in s] == ["2/4", "4/4"]
+    assert all(re.search(r"\| margin \S+ \| acc \S+ \|", s) for s in steps)
+
+
+def test_a_terminal_gets_a_bar_under_the_lines(capsys, caplog) -> None:
+    caplog.set_level(logging.INFO, "post_training.progress")
+    bar = progress.TrainProgress(10, start_step=0, interval_s=0.0, bar=True)
+    with bar.shown():
+        bar.step(5)
+        bar.train(5, {"loss": 1.0})
+    err = capsys.readouterr().err
+    assert "5/10" in err and "step" in err  # tqdm's "5/10 [..., ...step/s]"
+    assert bar._bar is None  # closed on leaving the block

@@ -82,6 +82,26 @@ COMMANDS: dict[str, Check] = {
     "cp -r reproducibility-scripts/sft/0-template reproducibility-scripts/sft/1-my-sweep": Check(
         "covered", "test_submit.py::sft/0-template"
     ),
+    ".venv/bin/python -m post_training.report <run dir>": Check(
+        "covered", "test_report.py::post_training.report"
+    ),
+    ".venv/bin/python -m post_training.report <run dir A> <run dir B> --out <dir> "
+    "--labels base,new": Check("covered", "test_report.py::--labels"),
+    "HF_HUB_OFFLINE=0 .venv/bin/python -m post_training.download model=qwen3-0.6b "
+    "dataset=alpaca": Check(
+        "not_run", "the network; tests/test_download.py runs it on a local Hub cache and dry"
+    ),
+    ".venv/bin/python -m post_training.train_sft model=qwen3-0.6b dataset=alpaca": Check(
+        "covered", "test_download.py::train_sft"
+    ),
+    ".venv/bin/python -m post_training.evaluate model_path=<dir> "
+    "harness.tasks=[tiny_tasks,gsm8k,mmlu] harness.limit=200": Check(
+        "covered", "test_harness.py::harness.tasks=[tiny_tasks]"
+    ),
+    ".venv/bin/python -m post_training.train_sft evaluation.harness_every=200 "
+    "evaluation.harness_tasks=[tiny_tasks] evaluation.harness_limit=100": Check(
+        "covered", "test_harness.py::evaluation.harness_every="
+    ),
     "$EDITOR reproducibility-scripts/sft/1-my-sweep/generate_submit.py": Check(
         "not_run", "a person edits the file"
     ),

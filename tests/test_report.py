@@ -455,3 +455,22 @@ def test_html_screenshot_in_headless_chromium(tmp_path: Path) -> None:
     assert white < 0.97 * image.shape[0] * image.shape[1]  # not a blank page
     # the swatches and the figures are drawn: both run colours on the page
     assert color_pixels(image, COLORS[0], 20) > 300 and color_pixels(image, COLORS[1], 20) > 300
+
+
+def test_a_run_killed_outright_shows_as_died(tmp_path: Path) -> None:
+    """status.json still says running, but its pid is gone on this host: the report says died."""
+    import socket
+    import subprocess
+    import sys
+
+    from post_training.report import write_report
+
+    run = tmp_path / "job" / "runs" / "2026-12-02_08-00-00"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    status = {"state": "running", "pid": int(gone), "host": socket.gethostname(), "last_step": 2}
+    (run / "status.json").write_text(json.dumps(status))
+    html = write_report([run], tmp_path / "out").read_text()
+    assert "died" in html

@@ -44,6 +44,7 @@ from post_training.utils.hub_cache import ModelNeeds
 
 DOWNLOAD_KEYS = ("revision", "dry_run")
 """Keys of this entrypoint only (left out of the training command it prints)."""
+SOURCE_OPTION_KEYS = ("dataset.train.config_name=", "dataset.train.data_files=")
 
 
 @dataclass
@@ -93,11 +94,11 @@ class Fetch:
         """None when the cache already holds what the run reads (read locally)."""
         if self.needs is not None:
             return hub_cache.model_cache_problem(self.repo_id, self.needs, self.revision)
-        problem = hub_cache.dataset_cache_problem(self.repo_id, self.data_files)
-        if problem is None and self.subsets:  # the Arrow cache of one subset proves nothing
-            snapshot = hub_cache.snapshot_dir(self.repo_id, "dataset")
-            return None if snapshot else "is not in the local Hugging Face cache"
-        return problem
+        if self.whole:
+            return hub_cache.dataset_cache_problem(self.repo_id, arrow_cache=False)
+        return hub_cache.dataset_cache_problem(
+            self.repo_id, self.data_files, subsets=self.subsets, arrow_cache=False
+        )
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -235,6 +236,8 @@ def train_command(config: dict[str, Any], snapshots: dict[str, Path]) -> str:
     """The offline training command that reads what was fetched (``snapshots``: the model
     snapshot per key, when a non-default revision was fetched)."""
     args = [o for o in _overrides() if o.split("=", 1)[0].lstrip("+~") not in DOWNLOAD_KEYS]
+    # keys a training dataset config may lack: added or overridden
+    args = [f"++{a}" if a.startswith(SOURCE_OPTION_KEYS) else a for a in args]
     for key, path in snapshots.items():
         args = [a for a in args if not a.lstrip("+~").startswith(f"{key}=")]
         args.append(f"{key}={path}")
@@ -261,7 +264,8 @@ def print_plan(fetches: Sequence[Fetch]) -> None:
     cache = hub_cache.hub_cache_dir()
     print(f"dry run: nothing is fetched and the network is not used; the Hub cache is {cache}")
     for fetch in fetches:
-        allow = fetch.allow()
+        card = hub_cache.snapshot_dir(fetch.repo_id, "dataset") if fetch.subsets else None
+        allow = fetch.allow(card)  # a subset's files: from its card, once that is cached
         revision, keys = fetch.revision or "main", ", ".join(fetch.keys)
         print(f"{fetch.repo_type} {fetch.repo_id} (revision {revision}) for {keys}")
         print(f"  files:   {fetch.what()}")
@@ -279,6 +283,12 @@ def print_plan(fetches: Sequence[Fetch]) -> None:
 def run(cfg: DictConfig) -> int:
     config = to_container(cfg)
     fetches = plan(config)
+    named = (config.get("model") or {}).get("model_name_or_path") or (
+        config.get("dataset") or {}
+    ).get("name")
+    if not fetches and named:
+        print("nothing to fetch: the model and dataset are local files, read offline as they are")
+        return 0
     if not fetches:
         raise ConfigError(
             "download: nothing to fetch from the Hub: give model=<model config> and/or "

@@ -96,6 +96,8 @@ def record_end(cfg: DictConfig | None, code: int, error: str | None) -> None:
         directory = Path(HydraConfig.get().runtime.output_dir)
     except (ImportError, ValueError):  # not under @hydra.main
         return
+    if (directory / run_status.STATUS_FILE).exists():
+        return  # the run wrote its own end (frame.finish), before its report
     if launch_rank() == 0 and directory.is_dir():
         entrypoint = cfg.get("entrypoint") if cfg is not None else None
         run_status.mark_launch(directory, entrypoint, code, error)
@@ -298,6 +300,9 @@ def finish(
         metrics.close()
         accelerator.end_training()
     if accelerator.is_main_process:
+        from post_training.utils import run_status
+
+        run_status.finish(code)  # before the report, which shows it
         write_run_report(run.run_dir)
     return code
 

@@ -127,6 +127,12 @@ def _missing_dataset(error: BaseException) -> str | None:
     return None
 
 
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def _unknown_tasks_line(key: str, unknown: Sequence[str], known: Sequence[str]) -> str:
     parts = []
     for name in unknown:
@@ -147,11 +153,12 @@ def _top_level(loaded: Mapping[str, Any]) -> list[Any]:
 
 
 @contextlib.contextmanager
-def _no_environment_probe(lm_eval: Any) -> Iterator[None]:
+def _no_environment_probe() -> Iterator[None]:
     """``simple_evaluate`` without its environment report (``torch.utils.collect_env`` runs
     ``pip list`` and more: ~2 s a call, every harness step of a training run), which
     ``eval-harness.json`` does not keep."""
-    evaluator = lm_eval.evaluator
+    import lm_eval.evaluator as evaluator
+
     probe = getattr(evaluator, "add_env_info", None)
     if probe is not None:
         evaluator.add_env_info = lambda storage: None
@@ -188,7 +195,7 @@ class Harness:
             paths = [str(p) for p in include_path]
         for path in paths:
             if not Path(path).is_dir():
-                raise ConfigError(f"harness include_path {path}: not a directory of task YAMLs")
+                raise ConfigError(f"harness.include_path={path}: not a directory of task YAMLs")
 
         def known(manager: Any) -> bool:
             return all(n in manager.all_tasks or Path(n).is_file() for n in self.names)
@@ -218,13 +225,13 @@ class Harness:
             if dataset is None:
                 raise
             datasets = _datasets_of(self.manager.task_index, name) or [dataset]
+            offline = "HF_HUB_OFFLINE=1" if _offline() else "no network"
             raise ConfigError(
-                f"{key}: task {name!r} reads the Hugging Face dataset "
-                f"{', '.join(datasets)}, which is not in the local cache and the Hub is out of "
-                f"reach (HF_HUB_OFFLINE=1 or no network): fetch it once with "
-                f"`HF_HUB_OFFLINE=0 python -m post_training.evaluate model_path=<dir> "
-                f'harness.tasks=[{name}]` (or `HF_HUB_OFFLINE=0 python -c "import datasets; '
-                f"datasets.load_dataset('{dataset}')\"` for a single-config dataset)"
+                f"{key}: task {name!r} reads the Hugging Face dataset {', '.join(datasets)}, "
+                f"which is not in the local datasets cache, and the Hub is out of reach "
+                f"({offline}): fetch it once with `HF_HUB_OFFLINE=0 python -m "
+                f"post_training.evaluate model_path=<dir> exact_match=false harness.limit=1 "
+                f"harness.tasks=[{name}]` (it stays cached for offline runs)"
             ) from None
 
     def run(
@@ -257,7 +264,7 @@ class Harness:
             add_bos_token=False if apply_chat_template else None,
             mixed_precision_dtype=mixed_precision_dtype,
         )
-        with _no_environment_probe(lm_eval):
+        with _no_environment_probe():
             raw = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=self.tasks,

@@ -6,7 +6,6 @@ trainings of the tiny model (marked e2e); the kills are exact (``POST_TRAINING_F
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import pytest

@@ -50,7 +50,7 @@ from post_training.data_sft.tokenize import ChatEncoder, TokenizeOptions
 from post_training.errors import DataError
 from post_training.utils import job_lock
 from post_training.utils.config import config_hash, register_resolvers, to_container
-from post_training.utils.progress import silence_known_warnings
+from post_training.utils.progress import labelled, silence_known_warnings
 from post_training.utils.run import lock_settings
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,8 @@ def open_stage(
         return
     out = OpenStage(output, done=False, started=time.time())
     out.accelerator = stage_accelerator()
-    yield out  # an exception in the block propagates from here: nothing is written
+    with labelled(f"{stage} {output.path.name}"):
+        yield out  # an exception in the block propagates from here: nothing is written
     if out.rows is None or out.report is None:
         raise RuntimeError(f"{stage}: the stage left its block without setting rows and report")
     if out.accelerator.is_main_process:

@@ -74,8 +74,10 @@ def check_hub_datasets(datasets: Mapping[str, Mapping[str, Any] | None]) -> None
     earlier online load); online, unknown to or unreachable on the Hub. Reads no data."""
     for where, dataset_cfg in datasets.items():
         for source in hub_sources(dataset_cfg, where):
+            subset = source.spec.get("config_name") if not source.data_files else None
+            subsets = [str(subset)] if subset else []
             problem = hub_cache.dataset_cache_problem(
-                source.repo_id, source.data_files, source.spec.get("cache_dir")
+                source.repo_id, source.data_files, source.spec.get("cache_dir"), subsets
             )
             if problem is None:
                 continue

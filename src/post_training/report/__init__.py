@@ -10,11 +10,14 @@ colour per run, named in each figure's legend) and the report goes to ``--out``,
 ``<job_subdir>/<run timestamp>`` unless ``--labels`` names them.
 
 Figures, each only when some run logged its keys (x axis: optimizer step; a training key ``K`` is
-drawn with its eval counterpart ``eval_K`` on the same axes): loss; the preference metrics
-(``rewards/*``, ``logps/*``, ``logits/*``); QRPO's quantile rewards, targets, ``β·logZ``, β and
-per-side residuals; the other training metrics of the trainer (SFT's loss components and
-accuracies, IRL's TD loss, ...); the remaining eval metrics (the end-of-run exact match
-``eval_accuracy`` and its per-task values); learning rate; grad norm; throughput; peak memory.
+drawn with its eval counterpart ``eval_K`` dashed on the same axes): ``loss``; ``preference``
+(``rewards/*``, ``logps/*``, ``logits/*``); ``qrpo`` (quantile rewards, targets, ``β·logZ``, β,
+per-side residuals, capped / clamped fractions); ``training_metrics``, the trainer's other keys
+(SFT's loss components and accuracies, IRL's TD loss, ...); ``eval_metrics``, the other eval keys
+logged more than once; ``final_eval``, bars of those logged once (the end-of-run exact match
+``eval_accuracy`` and ``eval_accuracy/<task>``); ``learning_rate``; ``grad_norm``; ``throughput``
+(tokens/s, TFLOP/s, MFU); ``memory`` (peak GB). Modules: :mod:`~post_training.report.runs`
+(reading), :mod:`~post_training.report.figures`, :mod:`~post_training.report.page`.
 The page lists per run its dir, entrypoint, model, trainer / loss, status and steps, and a table
 of each metric's final, best, minimum and maximum values.
 

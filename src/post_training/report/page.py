@@ -233,10 +233,12 @@ def render_html(runs: Sequence[Run], figures: Sequence[DrawnFigure]) -> str:
     if not figures:
         parts.append("<p>Nothing to plot.</p>")
     for figure in figures:
+        caption = figure.title
+        if len(figure.panels) > 1:
+            caption += ": " + ", ".join(figure.panels)
         parts.append(
             f'<figure id="{esc(figure.name)}"><img src="{esc(figure.file)}" '
-            f'alt="{esc(figure.title)}"><figcaption>{esc(figure.title)}: '
-            f"{esc(', '.join(figure.panels))}</figcaption></figure>"
+            f'alt="{esc(figure.title)}"><figcaption>{esc(caption)}</figcaption></figure>'
         )
         if figure.skipped_panels:
             parts.append(

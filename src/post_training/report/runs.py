@@ -201,6 +201,10 @@ def _read_status(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"unreadable {STATUS_FILE}: {err}"
     if not isinstance(data, dict):
         return None, f"unreadable {STATUS_FILE}: not a JSON object"
+    from post_training.utils.run_status import died
+
+    if died(data):  # killed outright: the file still says running
+        data = {**data, "state": "died"}
     return data, None
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,6 +217,10 @@ def listed_but_missing(
     return [p for p in listed if not (snapshot / p).is_file()]
 
 
+def _partly(snapshot: Path, missing: Sequence[str]) -> str:
+    return f"is only partly in the local Hugging Face cache ({snapshot}: no {', '.join(missing)})"
+
+
 def model_cache_problem(
     repo_id: str,
     needs: ModelNeeds,
@@ -242,25 +246,33 @@ def model_cache_problem(
 
 def dataset_cache_problem(
     repo_id: str,
-    data_files: Iterable[str] = (),
+    data_files: Sequence[str] = (),
     cache_dir: str | None = None,
+    subsets: Sequence[str] = (),
+    arrow_cache: bool = True,
 ) -> str | None:
-    """None when the Hub cache holds a snapshot of dataset ``repo_id`` (with a file for each of
-    the ``data_files`` patterns); else why not. A dataset ``datasets`` prepared on an earlier
-    online load (its Arrow cache, ``HF_DATASETS_CACHE`` or the source's ``cache_dir``) counts."""
-    if in_arrow_cache(repo_id, cache_dir):
-        return None
-    cache = hub_cache_dir()
+    """None when the Hub cache holds a snapshot of dataset ``repo_id`` with what a run reads:
+    a file for each of the ``data_files`` patterns, else the files of the ``subsets``
+    (``config_name``) that its card declares, else the whole repository as the download's
+    listing names it; else why not. Without a snapshot, a dataset that ``datasets`` prepared
+    on an earlier online load (its Arrow cache, ``HF_DATASETS_CACHE`` or the source's
+    ``cache_dir``) counts when ``arrow_cache``: the offline loader falls back to it."""
     snapshot = snapshot_dir(repo_id, "dataset")
     if snapshot is None:
-        return f"is not in the local Hugging Face cache ({cache})"
-    missing = listed_but_missing(snapshot, repo_id, "dataset", None, None, None, DATASET_IGNORE)
-    missing += [p for p in data_files if not any(f.is_file() for f in snapshot.glob(p))]
-    if missing:
-        return (
-            f"is only partly in the local Hugging Face cache ({snapshot}: no {', '.join(missing)})"
-        )
-    return None
+        if arrow_cache and in_arrow_cache(repo_id, cache_dir):
+            return None
+        return f"is not in the local Hugging Face cache ({hub_cache_dir()})"
+    patterns = list(data_files)
+    for name in subsets:
+        declared = card_data_files(snapshot, name)
+        if declared is None:  # the card does not say: the whole repository is read
+            patterns = []
+            break
+        patterns += data_file_patterns(*declared)
+    allow = [*DATASET_METADATA, *patterns] if patterns else None
+    missing = listed_but_missing(snapshot, repo_id, "dataset", None, None, allow, DATASET_IGNORE)
+    missing += [p for p in patterns if not any(f.is_file() for f in snapshot.glob(p))]
+    return _partly(snapshot, missing) if missing else None
 
 
 def in_arrow_cache(repo_id: str, cache_dir: str | None = None) -> bool:

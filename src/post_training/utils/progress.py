@@ -28,7 +28,8 @@ from typing import Any
 
 log = logging.getLogger("post_training.progress")
 
-DEFAULT_INTERVAL_S = 10.0
+DEFAULT_INTERVAL_S = float(os.environ.get("POST_TRAINING_PROGRESS_INTERVAL_S", 10.0))
+"""At least this often a line while something runs (env ``POST_TRAINING_PROGRESS_INTERVAL_S``)."""
 
 # The reward metrics shown on a preference trainer's line: metric key -> short label.
 PREFERENCE_KEYS = {
@@ -179,9 +180,24 @@ class TrainProgress:
             self.close()
 
 
+_LABELS: list[str] = []
+
+
+@contextmanager
+def labelled(label: str) -> Iterator[None]:
+    """Within the block, item progress lines start with ``label`` (e.g. the alignment stage and
+    its partition: ``generate_ref_completions partition-00001-of-00004: generating: ...``)."""
+    _LABELS.append(label)
+    try:
+        yield
+    finally:
+        _LABELS.pop()
+
+
 class ItemProgress:
     """``<what>: 1,200/5,000 rows (24.0%) | 85 rows/s | eta 44s`` every ``interval_s`` seconds
-    and once at the end (when the loop took longer than ``interval_s``, or ``always_end``)."""
+    and once at the end (when the loop took longer than ``interval_s``), prefixed by the
+    :func:`labelled` block it runs in."""
 
     def __init__(
         self,
@@ -209,8 +225,9 @@ class ItemProgress:
             if self.done < self.total
             else f"done in {format_duration(elapsed)}"
         )
+        prefix = "".join(f"{label}: " for label in _LABELS)
         return (
-            f"{self.what}: {self.done:,}/{self.total:,} {self.unit} ({share:.1f}%) | "
+            f"{prefix}{self.what}: {self.done:,}/{self.total:,} {self.unit} ({share:.1f}%) | "
             f"{format_number(rate)} {self.unit}/s | {tail}"
         )
 

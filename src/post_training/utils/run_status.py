@@ -135,11 +135,16 @@ def read(run_dir: Path) -> dict[str, Any] | None:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if (
+    if isinstance(record, dict) and died(record):
+        record["state"] = "died"
+    return record
+
+
+def died(record: dict[str, Any]) -> bool:
+    """A ``running`` record whose process is gone on this host (killed outright)."""
+    return (
         record.get("state") == "running"
         and record.get("host") == socket.gethostname()
         and isinstance(record.get("pid"), int)
         and not _pid_alive(record["pid"])
-    ):
-        record["state"] = "died"
-    return record
+    )
