@@ -157,7 +157,8 @@ def _flock(directory: Path, path: Path) -> JobLock:
     return JobLock(path, "flock", fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -180,7 +181,7 @@ def _heartbeat(directory: Path, path: Path, settings: LockSettings) -> JobLock:
             dead_here = (
                 record.get("host") == socket.gethostname()
                 and isinstance(record.get("pid"), int)
-                and not _pid_alive(record["pid"])
+                and not pid_alive(record["pid"])
             )
             if age <= settings.stale_after_s and not dead_here:
                 _locked_error(directory, path, record, f", last heartbeat {age:.0f} s ago")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from post_training.utils.atomic import atomic_write_json
+from post_training.utils.job_lock import pid_alive
 from post_training.utils.signals import EXIT_CODE_STOPPED
 
 STATUS_FILE = "status.json"
@@ -115,16 +116,6 @@ def finish(exit_code: int, error: str | None = None) -> None:
     _current = None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read(run_dir: Path) -> dict[str, Any] | None:
     """The status of ``run_dir`` (None when it has none); a ``running`` run whose process is
     gone on this host reads as ``died``."""
@@ -146,5 +137,5 @@ def died(record: dict[str, Any]) -> bool:
         record.get("state") == "running"
         and record.get("host") == socket.gethostname()
         and isinstance(record.get("pid"), int)
-        and not _pid_alive(record["pid"])
+        and not pid_alive(record["pid"])
     )
