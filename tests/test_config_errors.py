@@ -12,11 +12,15 @@ from tests.conftest import QUICK, job_dir, run_entrypoint
 
 
 def written_by_us(artifacts: Path) -> list[Path]:
-    """Files a launch wrote besides Hydra's own record of the call (.hydra/, the job log)."""
+    """Files a launch wrote besides Hydra's own record of the call (.hydra/, the job log) and
+    the status.json that marks the failed launch in it."""
     return [
         p
         for p in artifacts.rglob("*")
-        if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"
+        if p.is_file()
+        and ".hydra" not in p.parts
+        and p.suffix != ".log"
+        and p.name != "status.json"
     ]
 
 
