@@ -64,6 +64,9 @@ def by_hand(loss_type: str, i: int, beta: float, eps: float = 0.0, **kw) -> floa
         return max(0.0, 1 - z)
     if loss_type == "ipo":
         return (rho_c / lc - rho_r / lr - 1 / (2 * beta)) ** 2
+    if loss_type == "sigmoid_norm":
+        u = beta * (rho_c / lc - rho_r / lr)
+        return -(1 - eps) * logsig(u) - eps * logsig(-u)
     if loss_type == "robust":
         return ((1 - eps) * -logsig(z) + eps * logsig(-z)) / (1 - 2 * eps)
     if loss_type == "exo_pair":
@@ -91,7 +94,7 @@ def ours(loss_type: str, beta: float, **kw):
     return dpo_loss(t(PC), t(PR), *ref, t(LC), t(LR), beta=beta, loss_type=loss_type, **kw)
 
 
-SMOOTHING = {"exo_pair": 0.01, "robust": 0.2, "sigmoid": 0.1, "simpo": 0.1}
+SMOOTHING = {"exo_pair": 0.01, "robust": 0.2, "sigmoid": 0.1, "sigmoid_norm": 0.1, "simpo": 0.1}
 
 
 @pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES + REFERENCE_FREE)
@@ -289,7 +292,9 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/acc
 @pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 def test_dpo_loss_types_match_trl(loss_type: str, beta: float) -> None:
-    eps = SMOOTHING.get(loss_type, 0.0) if loss_type != "sigmoid" else 0.0  # TRL: no cDPO
+    eps = (
+        SMOOTHING.get(loss_type, 0.0) if loss_type not in ("sigmoid", "sigmoid_norm") else 0.0
+    )  # TRL: no cDPO
     tau = 0.05
     pc, pr, rc, rr, lc, lr = pairs = random_pairs()
     losses, m = dpo_loss(

@@ -36,7 +36,7 @@ def test_every_default_config_validates(entrypoint: str) -> None:
 @pytest.mark.parametrize(
     "name,choice",
     [("train-sft", c) for c in ("sft", "plw", "ln-plw", "irl")]
-    + [("train-preference", c) for c in ("dpo", "qrpo")],
+    + [("train-preference", c) for c in ("dpo", "qrpo", "cpo", "kto")],
 )
 def test_every_trainer_choice_validates(name: str, choice: str) -> None:
     typed = check(composed(name, [f"trainer={choice}"]))

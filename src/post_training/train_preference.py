@@ -1,6 +1,6 @@
-"""Preference-optimisation entrypoint: QRPO and the DPO family.
+"""Preference-optimisation entrypoint: QRPO, the DPO family, CPO and KTO.
 
-    python -m post_training.train_preference [trainer=dpo|qrpo] [model=...] [dataset=...] ...
+    python -m post_training.train_preference [trainer=dpo|qrpo|cpo|kto] [model=...] [dataset=...]
 
 validate -> run dir + resume target -> tokenizer -> tokenized pairs (the loss's columns checked)
 -> policy (+ PEFT) -> reference (none, dataset columns, a frozen model or the adapter-less
@@ -23,6 +23,7 @@ def run(cfg: DictConfig) -> int:
     """Train and evaluate; returns the process exit code."""
     frame = begin(cfg)  # before torch is imported: a duplicate launch exits at once (exit 73)
     from post_training.data_preference.encode import describe_reports, load_preference_data
+    from post_training.data_preference.unpaired import label_balance
     from post_training.losses.table import PREFERENCE_LOSSES, build_loss, check_columns
     from post_training.modeling.loading import is_peft_model
     from post_training.trainers.preference import PreferenceTrainer
@@ -32,14 +33,18 @@ def run(cfg: DictConfig) -> int:
     with frame.accelerator.main_process_first():
         train, eval_pairs, reports = load_preference_data(frame.config, frame.tokenizer)
     log.info(
-        "Preference pairs: %d train, %d eval; %s",
+        "%s: %d train, %d eval; %s",
+        "KTO examples (each with its KL completion)" if loss.name == "kto" else "Preference pairs",
         *map(len, (train, eval_pairs)),
         describe_reports(reports),
     )
     check_columns(loss, train, "dataset.train")
     check_columns(loss, eval_pairs, "dataset.eval")
+    if loss.name == "kto":
+        line, balanced = label_balance(train, loss.desirable_weight, loss.undesirable_weight)
+        (log.info if balanced else log.warning)(line)
     model = load_policy(frame)
-    reference = Reference.decide(loss.needs_reference, train, is_peft_model(model), frame.args)
+    reference = Reference.decide(loss, train, is_peft_model(model), frame.args)
     log.info("Reference log-probs: %s", reference.load(frame.config, frame.tokenizer).describe())
     return finish(
         frame,

@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from post_training.data_preference.pairs import load_preference_pairs
+from post_training.data_preference.pairs import PreferenceSource, load_preference_pairs
+from post_training.data_preference.unpaired import kto_rows, load_unpaired_examples
 from post_training.data_sft.tokenize import ChatEncoder, FilterReport, make_example
 from post_training.errors import DataError
 from post_training.losses.constants import IGNORE_INDEX
@@ -41,6 +42,7 @@ from post_training.losses.constants import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 PAIR_SCALARS = (
+    "kto_label",
     "ref_chosen_logps",
     "ref_rejected_logps",
     "chosen_quantile_reward",
@@ -213,7 +215,10 @@ def encode_pairs(
 def load_preference_data(
     config: Mapping[str, Any], tokenizer: Any
 ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], dict[str, Any]]:
-    """Tokenized train / eval pairs of ``config["dataset"]`` and the filter reports."""
+    """Tokenized train / eval pairs of ``config["dataset"]`` and the filter reports. For
+    ``trainer=kto`` the rows are unpaired examples, each as a pair-shaped row with its KL
+    completion (:mod:`post_training.data_preference.unpaired`)."""
+    kto = config["trainer"]["name"] == "kto"
     from post_training.data_sft.templates import ChatTemplate, resolve_template
     from post_training.data_sft.training_data import tokenize_options
 
@@ -236,7 +241,13 @@ def load_preference_data(
         if dataset.get(f"max_{split}_examples"):
             spec["max_examples"] = dataset[f"max_{split}_examples"]
         where = f"dataset.{split}"
-        source = load_preference_pairs(spec, where)
+        if kto:  # unpaired examples, each with its KL completion, shaped as pairs
+            unpaired = load_unpaired_examples(spec, where, bool(dataset.get("unpair")))
+            source = PreferenceSource(
+                kto_rows(unpaired.examples, where), unpaired.locate, unpaired.dropped
+            )
+        else:
+            source = load_preference_pairs(spec, where)
         report = PairReport()
         out[split] = encode_pairs(
             source.pairs, encoder, where, max_prompt, report, locate=source.locate

@@ -129,7 +129,7 @@ class PreferenceSource:
     dropped: dict[str, int]
 
 
-def _row_locator(spec: Mapping[str, Any], loaded_locate: Locate, where: str) -> Locate:
+def row_locator(spec: Mapping[str, Any], loaded_locate: Locate, where: str) -> Locate:
     """1-based rows: a JSON-lines / CSV file's own ``file:line``, else ``path row N``."""
     ref = resolve(spec, where)
     if ref.kind == "files" and ref.fmt in LINE_FORMATS:
@@ -173,7 +173,7 @@ def load_preference_pairs(spec: Mapping[str, Any], where: str) -> PreferenceSour
     args = dict(spec.get("transform_args") or {})
     source_spec = {k: v for k, v in spec.items() if k not in SPEC_KEYS}
     loaded = load(source_spec, where)
-    locate = _row_locator(source_spec, loaded.locate, where)
+    locate = row_locator(source_spec, loaded.locate, where)
     limit = spec.get("max_examples")
     count = spec.get("ref_rewards_count")
     rows: list[dict[str, Any]] = []

@@ -76,7 +76,7 @@ read the table. simpo and orpo (``REFERENCE_FREE``) are computed by :func:`dpo_l
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,8 +99,13 @@ class PairTerms:
     """``β·ρ_c``."""
     reward_r: torch.Tensor
     """``β·ρ_r``."""
+    score_c: torch.Tensor
+    """``f'(π/π_ref)`` of the chosen side under ``f_divergence_type`` (``ρ_c`` for the
+    default reverse KL): what the f-divergence-aware types (``z``, ipo, sigmoid_norm) use."""
+    score_r: torch.Tensor
+    """The same for the rejected side."""
     z: torch.Tensor
-    """``z = β·(ρ_c − ρ_r)`` (computed as ``reward_c − reward_r``)."""
+    """``z = β·(score_c − score_r)``; ``β·(ρ_c − ρ_r)`` under the reverse KL."""
     len_c: torch.Tensor
     """``|y_c|``, the chosen completion's token count (as a float tensor)."""
     len_r: torch.Tensor
@@ -127,14 +132,16 @@ class OptionRule:
 
 @dataclass(frozen=True)
 class DPOLossType:
-    """One entry of :data:`DPO_LOSSES`: the per-pair loss ``fn(terms) -> [B]`` and its option
-    rules."""
+    """One entry of :data:`DPO_LOSSES`: the per-pair loss ``fn(terms) -> [B]``, its option
+    rules, and whether it is written in the f-divergence scores (``z`` / ``score_*``; then any
+    ``f_divergence_type`` applies) rather than in the raw log-ratios ``ρ``."""
 
     fn: Callable[[PairTerms], torch.Tensor]
     rules: tuple[OptionRule, ...] = ()
+    f_divergence: bool = False
 
 
-def _smoothed_sigmoid(z: torch.Tensor, eps: float) -> torch.Tensor:
+def smoothed_sigmoid(z: torch.Tensor, eps: float) -> torch.Tensor:
     """``−(1−ε)·log σ(z) − ε·log σ(−z)``."""
     loss = -F.logsigmoid(z)
     if eps:
@@ -143,7 +150,7 @@ def _smoothed_sigmoid(z: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def sigmoid_loss(t: PairTerms) -> torch.Tensor:
-    return _smoothed_sigmoid(t.z, t.label_smoothing)
+    return smoothed_sigmoid(t.z, t.label_smoothing)
 
 
 def hinge_loss(t: PairTerms) -> torch.Tensor:
@@ -151,7 +158,14 @@ def hinge_loss(t: PairTerms) -> torch.Tensor:
 
 
 def ipo_loss(t: PairTerms) -> torch.Tensor:
-    return (t.rho_c / t.len_c - t.rho_r / t.len_r - 1 / (2 * t.beta)) ** 2
+    return (t.score_c / t.len_c - t.score_r / t.len_r - 1 / (2 * t.beta)) ** 2
+
+
+def sigmoid_norm_loss(t: PairTerms) -> torch.Tensor:
+    """DPO on length-averaged log-ratios: ``−log σ(β·(s_c/|y_c| − s_r/|y_r|))`` (TRL's
+    ``sigmoid_norm``; with ``label_smoothing`` the cDPO form)."""
+    z = t.beta * (t.score_c / t.len_c - t.score_r / t.len_r)
+    return smoothed_sigmoid(z, t.label_smoothing)
 
 
 def robust_loss(t: PairTerms) -> torch.Tensor:
@@ -200,10 +214,11 @@ SMOOTHING_BELOW_HALF = OptionRule(
 )
 
 DPO_LOSSES: dict[str, DPOLossType] = {
-    "sigmoid": DPOLossType(sigmoid_loss, (SMOOTHING_BELOW_HALF,)),
-    "hinge": DPOLossType(hinge_loss),
-    "ipo": DPOLossType(ipo_loss),
-    "robust": DPOLossType(robust_loss, (SMOOTHING_BELOW_HALF,)),
+    "sigmoid": DPOLossType(sigmoid_loss, (SMOOTHING_BELOW_HALF,), f_divergence=True),
+    "sigmoid_norm": DPOLossType(sigmoid_norm_loss, (SMOOTHING_BELOW_HALF,), f_divergence=True),
+    "hinge": DPOLossType(hinge_loss, f_divergence=True),
+    "ipo": DPOLossType(ipo_loss, f_divergence=True),
+    "robust": DPOLossType(robust_loss, (SMOOTHING_BELOW_HALF,), f_divergence=True),
     "exo_pair": DPOLossType(
         exo_pair_loss,
         (
@@ -213,6 +228,7 @@ DPO_LOSSES: dict[str, DPOLossType] = {
                 "0 < label_smoothing < 1 (EXO's ε; the paper uses 1e-3)",
             ),
         ),
+        f_divergence=True,
     ),
     "nca_pair": DPOLossType(nca_pair_loss),
     "bco_pair": DPOLossType(bco_pair_loss),
@@ -220,7 +236,9 @@ DPO_LOSSES: dict[str, DPOLossType] = {
     "apo_zero": DPOLossType(apo_zero_loss),
     "apo_down": DPOLossType(apo_down_loss),
     "discopop": DPOLossType(
-        discopop_loss, (OptionRule("discopop_tau", lambda tau: tau > 0, "discopop_tau > 0"),)
+        discopop_loss,
+        (OptionRule("discopop_tau", lambda tau: tau > 0, "discopop_tau > 0"),),
+        f_divergence=True,
     ),
 }
 """The reference-based loss types: ``loss_type`` → its per-pair loss and option rules. Adding a
@@ -278,29 +296,140 @@ def _float(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+NLL_ENTRY = "sft"
+"""The ``loss_type`` list entry for the chosen reply's NLL (TRL's ``"sft"``): its weight in
+``loss_weights`` is an ``nll_weight`` (per pair, length-averaged; see the module docs)."""
+
+
+def _f_reverse_kl(ratio: torch.Tensor, coef: float) -> torch.Tensor:
+    return ratio
+
+
+def _f_forward_kl(ratio: torch.Tensor, coef: float) -> torch.Tensor:
+    return 1 - torch.exp(-ratio)  # f'(u) = 1 − 1/u
+
+
+def _f_js_divergence(ratio: torch.Tensor, coef: float) -> torch.Tensor:
+    return math.log(2) + F.logsigmoid(ratio)  # f'(u) = log(2u / (1 + u))
+
+
+def _f_alpha_divergence(ratio: torch.Tensor, coef: float) -> torch.Tensor:
+    if abs(coef - 1.0) < 1e-6:  # the limit α → 1 is the reverse KL
+        return ratio
+    # f'(u) = (u^(α−1) − 1) / (α − 1); exp clamped at 80 as TRL does (finite in fp32)
+    return (torch.exp(((coef - 1.0) * ratio).clamp(max=80.0)) - 1.0) / (coef - 1.0)
+
+
+F_DIVERGENCES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "reverse_kl": _f_reverse_kl,
+    "forward_kl": _f_forward_kl,
+    "js_divergence": _f_js_divergence,
+    "alpha_divergence": _f_alpha_divergence,
+}
+"""``f_divergence_type`` → the score ``f'(π/π_ref)`` of a side from its log-ratio ``ρ`` and
+``f_alpha_divergence_coef`` (f-DPO, Wang et al. 2023, arXiv 2309.16240, Table 1; TRL's
+``f_divergence_type``). Only the types written in ``z`` take a non-default one."""
+
+
+def as_loss_types(loss_type: str | Sequence[str]) -> tuple[str, ...]:
+    """``loss_type`` as a tuple: one name, or a list of names (MPO-style combinations)."""
+    return (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+
+
+def _key(types: tuple[str, ...]) -> str:
+    """How ``trainer.loss_type`` is printed in an error."""
+    return repr(types[0]) if len(types) == 1 else repr(list(types))
+
+
 def check_dpo_options(
-    loss_type: str, beta: float, label_smoothing: float, discopop_tau: float, nll_weight: float
+    loss_type: str | Sequence[str],
+    beta: float,
+    label_smoothing: float,
+    discopop_tau: float,
+    nll_weight: float,
+    *,
+    loss_weights: Sequence[float] | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    ld_alpha: float | None = None,
 ) -> None:
     """The scalar rules of :func:`dpo_loss`'s options, for the config schema and the loss alike.
 
     Raises ValueError whose message starts with the config key and its value
-    (``trainer.label_smoothing=0.7: ...``). The per-type rules are those of the type's table
-    entry (:class:`OptionRule`); ``label_smoothing`` must be 0 for a type without a rule on it.
+    (``trainer.label_smoothing=0.7: ...``). The per-type rules are those of each listed type's
+    table entry (:class:`OptionRule`); a non-zero ``label_smoothing`` needs a listed type that
+    uses it; ``loss_weights`` (one per listed type, ≥ 0) only with a list; simpo / orpo only
+    alone; the ``sft`` entry only in a list; ``f_divergence_type`` other than the reverse KL
+    only for types written in ``z``; ``ld_alpha`` in [0, 1].
     """
-    known = loss_types()
-    if loss_type not in known:
+    types = as_loss_types(loss_type)
+    known = (*loss_types(), NLL_ENTRY)
+    if not types:
+        raise ValueError("trainer.loss_type=[]: give one loss type or a list of them.")
+    for name in types:
+        if name not in known:
+            raise ValueError(
+                f"trainer.loss_type={_key(types)}: Unknown loss_type {name!r}; expected one of "
+                f"{loss_types()} (in a list also {NLL_ENTRY!r}, the chosen reply's NLL)."
+            )
+    if len(set(types)) != len(types):
+        raise ValueError(f"trainer.loss_type={_key(types)}: a loss type is listed twice.")
+    free = [t for t in types if t in REFERENCE_FREE]
+    if free and len(types) > 1:
         raise ValueError(
-            f"trainer.loss_type={loss_type!r}: Unknown loss_type; expected one of {known}."
+            f"trainer.loss_type={_key(types)}: {free[0]} is reference-free and cannot be "
+            "combined with other loss types."
         )
+    if types == (NLL_ENTRY,):
+        raise ValueError(
+            f"trainer.loss_type={_key(types)}: '{NLL_ENTRY}' alone is SFT; combine it with a "
+            "preference loss type, or train with train_sft."
+        )
+    if NLL_ENTRY in types and nll_weight:
+        raise ValueError(
+            f"trainer.nll_weight={nll_weight!r}: the loss_type list already has "
+            f"'{NLL_ENTRY}'; give its weight in loss_weights and set nll_weight=0."
+        )
+    if loss_weights is not None:
+        if len(loss_weights) != len(types):
+            raise ValueError(
+                f"trainer.loss_weights={list(loss_weights)!r}: needs one weight per loss type "
+                f"of trainer.loss_type={_key(types)} ({len(types)})."
+            )
+        if any(not w >= 0 for w in loss_weights):
+            raise ValueError(f"trainer.loss_weights={list(loss_weights)!r}: weights must be >= 0.")
     if not beta > 0:
         raise ValueError(f"trainer.beta={beta!r}: beta must be > 0.")
     if nll_weight < 0:
         raise ValueError(f"trainer.nll_weight={nll_weight!r}: nll_weight must be >= 0.")
-    rules = _rules(loss_type)
+    if f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(
+            f"trainer.f_divergence_type={f_divergence_type!r}: expected one of "
+            f"{tuple(F_DIVERGENCES)}."
+        )
+    if f_divergence_type != "reverse_kl":
+        unsupported = [
+            t
+            for t in types
+            if t != NLL_ENTRY and not getattr(DPO_LOSSES.get(t), "f_divergence", False)
+        ]
+        if unsupported:
+            supported = tuple(t for t, spec in DPO_LOSSES.items() if spec.f_divergence)
+            raise ValueError(
+                f"trainer.f_divergence_type={f_divergence_type!r}: loss_type {unsupported[0]!r} "
+                f"is written in the raw log-ratios; the f-divergences apply to {supported}."
+            )
+    if f_divergence_type == "alpha_divergence" and not f_alpha_divergence_coef > 0:
+        raise ValueError(
+            f"trainer.f_alpha_divergence_coef={f_alpha_divergence_coef!r}: must be > 0."
+        )
+    if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
+        raise ValueError(f"trainer.ld_alpha={ld_alpha!r}: must be in [0, 1] (1: plain DPO).")
+    rules = [r for t in types if t != NLL_ENTRY for r in _rules(t)]
     if label_smoothing != 0.0 and not any(r.key == "label_smoothing" for r in rules):
         raise ValueError(
             f"trainer.label_smoothing={label_smoothing!r}: label_smoothing has no meaning for "
-            f"loss_type={loss_type!r}; it is used by {label_smoothing_types()}."
+            f"loss_type={_key(types)}; it is used by {label_smoothing_types()}."
         )
     values = {
         "beta": beta,
@@ -308,19 +437,32 @@ def check_dpo_options(
         "discopop_tau": discopop_tau,
         "nll_weight": nll_weight,
     }
-    for rule in rules:
-        value = values[rule.key]
-        if not rule.holds(value):
-            raise ValueError(f"trainer.{rule.key}={value!r}: {loss_type} needs {rule.text}.")
+    for loss in types:
+        for rule in _rules(loss) if loss != NLL_ENTRY else ():
+            value = values[rule.key]
+            if not rule.holds(value):
+                raise ValueError(f"trainer.{rule.key}={value!r}: {loss} needs {rule.text}.")
 
 
-def _check_tensors(loss_type: str, tensors: dict[str, torch.Tensor | None]) -> None:
-    reference_free = loss_type in REFERENCE_FREE
+def check_sync_options(sync_ref_model: bool, mixup_alpha: float, sync_steps: int) -> None:
+    """TR-DPO's rules: ``ref_model_mixup_alpha`` in (0, 1], ``ref_model_sync_steps`` ≥ 1."""
+    if not sync_ref_model:
+        return
+    if not 0.0 < mixup_alpha <= 1.0:
+        raise ValueError(
+            f"trainer.ref_model_mixup_alpha={mixup_alpha!r}: must be in (0, 1] "
+            "(the policy's weight in the synchronised reference)."
+        )
+    if sync_steps < 1:
+        raise ValueError(f"trainer.ref_model_sync_steps={sync_steps!r}: must be >= 1.")
+
+
+def _check_tensors(reference_free: bool, tensors: dict[str, torch.Tensor | None]) -> None:
     for name in ("ref_chosen_logps", "ref_rejected_logps"):
         if reference_free and tensors[name] is not None:
-            raise ValueError(f"loss_type={loss_type!r} is reference-free: pass {name}=None.")
+            raise ValueError(f"a reference-free loss_type: pass {name}=None.")
         if not reference_free and tensors[name] is None:
-            raise ValueError(f"loss_type={loss_type!r} needs {name}.")
+            raise ValueError(f"a reference-based loss_type needs {name}.")
     shape = tensors["chosen_logps"].shape  # type: ignore[union-attr]
     if len(shape) != 1:
         raise ValueError(f"chosen_logps must be [B] (one sum per pair), got shape {tuple(shape)}.")
@@ -332,6 +474,28 @@ def _check_tensors(loss_type: str, tensors: dict[str, torch.Tensor | None]) -> N
             raise ValueError(f"{name} must be >= 1 (a pair with an empty completion).")
 
 
+def _reference_free_loss(
+    loss_type: str,
+    avg_c: torch.Tensor,
+    avg_r: torch.Tensor,
+    beta: float,
+    label_smoothing: float,
+    simpo_gamma: float,
+    orpo_alpha: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """simpo / orpo on the length-averaged log-probs: per-pair loss and orpo's extra metrics."""
+    if loss_type == "simpo":
+        return smoothed_sigmoid(beta * (avg_c - avg_r) - simpo_gamma, label_smoothing), {}
+    if bool(((avg_c >= 0) | (avg_r >= 0)).any()):
+        raise ValueError(
+            "orpo needs average log-probs < 0 (a completion of probability 1 has infinite odds)."
+        )
+    log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
+    log_sigmoid_odds = F.logsigmoid(log_odds)
+    losses = -avg_c - orpo_alpha * log_sigmoid_odds
+    return losses, {"log_odds_ratio": log_sigmoid_odds, "log_odds_chosen": log_odds}
+
+
 def dpo_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
@@ -340,27 +504,48 @@ def dpo_loss(
     chosen_lengths: torch.Tensor,
     rejected_lengths: torch.Tensor,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
     orpo_alpha: float = 0.1,
     discopop_tau: float = 0.05,
     nll_weight: float = 0.0,
+    loss_weights: Sequence[float] | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    pair_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair preference loss [B] and per-pair metrics [B]; see the module docstring.
 
     ``chosen_logps`` / ``rejected_logps`` (and the reference ones, ``None`` for simpo/orpo) are
-    log-probs summed over the completion tokens; ``chosen_lengths`` / ``rejected_lengths`` are
-    the completion token counts (≥ 1). The losses are not averaged: the trainer divides their
-    sum by the number of pairs in the accumulation window on all ranks.
+    log-probs summed over the completion tokens (LD-DPO's ``ld_alpha`` is applied before, by
+    whoever sums them); ``chosen_lengths`` / ``rejected_lengths`` are the completion token
+    counts (≥ 1). ``loss_type`` is one type or a list whose per-pair losses are summed with
+    ``loss_weights`` (default 1 each; the list may hold ``sft``, the chosen NLL).
+    ``pair_weights`` [B] (detached; WPO's ``w_c·w_r``) multiply every term of a pair's loss.
+    The losses are not averaged: the trainer divides their sum by the number of pairs in the
+    accumulation window on all ranks.
 
     Metrics, detached, one value per pair: ``rewards/chosen``, ``rewards/rejected``,
     ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``,
-    ``nll_loss``; orpo adds ``log_odds_ratio`` and ``log_odds_chosen``.
+    ``nll_loss``; orpo adds ``log_odds_ratio`` and ``log_odds_chosen``; with
+    ``pair_weights``, ``wpo_weight``.
     """
-    check_dpo_options(loss_type, beta, label_smoothing, discopop_tau, nll_weight)
-    _check_tensors(
+    check_dpo_options(
         loss_type,
+        beta,
+        label_smoothing,
+        discopop_tau,
+        nll_weight,
+        loss_weights=loss_weights,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+    )
+    types = as_loss_types(loss_type)
+    weights = list(loss_weights) if loss_weights is not None else [1.0] * len(types)
+    reference_free = types[0] in REFERENCE_FREE
+    _check_tensors(
+        reference_free,
         {
             "chosen_logps": chosen_logps,
             "rejected_logps": rejected_logps,
@@ -376,40 +561,46 @@ def dpo_loss(
     nll = -avg_c
     extra: dict[str, torch.Tensor] = {}
 
-    if loss_type in REFERENCE_FREE:
+    if reference_free:
         reward_c, reward_r = beta * avg_c, beta * avg_r
-        if loss_type == "simpo":
-            losses = _smoothed_sigmoid(beta * (avg_c - avg_r) - simpo_gamma, label_smoothing)
-        else:  # orpo
-            if bool(((avg_c >= 0) | (avg_r >= 0)).any()):
-                raise ValueError(
-                    "orpo needs average log-probs < 0 (a completion of probability 1 has "
-                    "infinite odds)."
-                )
-            log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
-            log_sigmoid_odds = F.logsigmoid(log_odds)
-            losses = nll - orpo_alpha * log_sigmoid_odds
-            extra = {"log_odds_ratio": log_sigmoid_odds, "log_odds_chosen": log_odds}
+        losses, extra = _reference_free_loss(
+            types[0], avg_c, avg_r, beta, label_smoothing, simpo_gamma, orpo_alpha
+        )
+        losses = weights[0] * losses
     else:
         rho_c = pc - _float(ref_chosen_logps)  # type: ignore[arg-type]
         rho_r = pr - _float(ref_rejected_logps)  # type: ignore[arg-type]
         reward_c, reward_r = beta * rho_c, beta * rho_r
+        score = F_DIVERGENCES[f_divergence_type]
+        score_c, score_r = (
+            score(rho_c, f_alpha_divergence_coef),
+            score(rho_r, f_alpha_divergence_coef),
+        )
         terms = PairTerms(
             rho_c=rho_c,
             rho_r=rho_r,
             reward_c=reward_c,
             reward_r=reward_r,
-            z=reward_c - reward_r,
+            score_c=score_c,
+            score_r=score_r,
+            z=beta * (score_c - score_r),
             len_c=len_c,
             len_r=len_r,
             beta=beta,
             label_smoothing=label_smoothing,
             discopop_tau=discopop_tau,
         )
-        losses = DPO_LOSSES[loss_type].fn(terms)
+        losses = torch.zeros_like(pc)
+        for name, weight in zip(types, weights, strict=True):
+            term = nll if name == NLL_ENTRY else DPO_LOSSES[name].fn(terms)
+            losses = losses + weight * term
 
     if nll_weight:
         losses = losses + nll_weight * nll
+    if pair_weights is not None:
+        pair_weights = pair_weights.detach().to(losses.dtype)
+        losses = losses * pair_weights
+        extra["wpo_weight"] = pair_weights
     metrics = {
         "rewards/chosen": reward_c,
         "rewards/rejected": reward_r,

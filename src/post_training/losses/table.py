@@ -33,8 +33,16 @@ from typing import Any, TypeVar
 import torch
 
 from post_training.errors import DataError
-from post_training.losses.dpo import REFERENCE_FREE, check_dpo_options, dpo_loss
+from post_training.losses.cpo import check_cpo_options, cpo_loss
+from post_training.losses.dpo import (
+    REFERENCE_FREE,
+    as_loss_types,
+    check_dpo_options,
+    check_sync_options,
+    dpo_loss,
+)
 from post_training.losses.irl import irl_loss
+from post_training.losses.kto import check_kto_options, kto_loss, summarize_kto
 from post_training.losses.plw import ln_plw_loss, plw_loss
 from post_training.losses.qrpo import check_qrpo_options, qrpo_loss
 
@@ -262,6 +270,17 @@ class PreferenceLoss(ABC):
     needs_reference: bool = True
     required_columns: tuple[str, ...] = ()
     columns_hint: str = ""
+    ld_alpha: float | None = None
+    """LD-DPO's weight of the longer side's tail tokens, used when the trainer sums the
+    log-probs of policy and reference alike (None: plain sums)."""
+    needs_sum_sq: bool = False
+    """The trainer's forward adds each side's WPO log-weight (``<side>_wpo_logw``)."""
+    sync_ref_model: bool = False
+    """TR-DPO: the trainer mixes the policy into the reference model every
+    ``ref_model_sync_steps`` steps with weight ``ref_model_mixup_alpha``."""
+    window_kl: bool = False
+    """KTO: the trainer estimates the KL reference point ``z₀`` over the accumulation window
+    and all ranks before the first forward and passes it as ``stats["kl"]``."""
 
     @abstractmethod
     def __call__(
@@ -291,33 +310,73 @@ def _from_fields(cls: type[P], section: Any) -> P:
 @dataclass(frozen=True)
 class DPOLoss(PreferenceLoss):
     """``trainer=dpo``: :func:`~post_training.losses.dpo.dpo_loss` of ``trainer.loss_type``
-    (the DPO family, or the reference-free simpo / orpo). The options are checked when built."""
+    (the DPO family, or the reference-free simpo / orpo; a list of types with
+    ``loss_weights``), with TRL's options: ``f_divergence_type``, ``ld_alpha`` (LD-DPO, applied
+    by the trainer when it sums the log-probs), ``use_weighting`` (WPO: the trainer adds the
+    per-token ``log Σ p²`` to the forward) and ``sync_ref_model`` (TR-DPO: the trainer's
+    callback mixes the policy into the reference model). The options are checked when built."""
 
-    loss_type: str = "sigmoid"
+    loss_type: str | tuple[str, ...] = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
     nll_weight: float = 0.0
     simpo_gamma: float = 0.5
     orpo_alpha: float = 0.1
     discopop_tau: float = 0.05
+    loss_weights: tuple[float, ...] | None = None
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    ld_alpha: float | None = None
+    use_weighting: bool = False
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
 
     name = "dpo"
 
     def __post_init__(self) -> None:
         check_dpo_options(
-            self.loss_type, self.beta, self.label_smoothing, self.discopop_tau, self.nll_weight
+            self.loss_type,
+            self.beta,
+            self.label_smoothing,
+            self.discopop_tau,
+            self.nll_weight,
+            loss_weights=self.loss_weights,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            ld_alpha=self.ld_alpha,
         )
+        check_sync_options(
+            self.sync_ref_model, self.ref_model_mixup_alpha, self.ref_model_sync_steps
+        )
+        if self.sync_ref_model and not self.needs_reference:
+            raise ValueError(
+                f"trainer.sync_ref_model=true: loss_type={self.loss_type!r} is reference-free; "
+                "there is no reference model to synchronise."
+            )
 
     @classmethod
     def from_section(cls, section: Any) -> DPOLoss:
-        return _from_fields(cls, section)
+        loss = _from_fields(cls, section)
+        types = as_loss_types(loss.loss_type)
+        weights = None if loss.loss_weights is None else tuple(map(float, loss.loss_weights))
+        return dataclasses.replace(
+            loss, loss_type=types[0] if len(types) == 1 else types, loss_weights=weights
+        )
 
     @property
     def needs_reference(self) -> bool:  # type: ignore[override]
-        return self.loss_type not in REFERENCE_FREE
+        return as_loss_types(self.loss_type)[0] not in REFERENCE_FREE
+
+    @property
+    def needs_sum_sq(self) -> bool:  # type: ignore[override]
+        return self.use_weighting
 
     def __call__(self, stats, ref, batch):
         ref_c, ref_r = ref if ref is not None else (None, None)
+        pair_weights = None
+        if self.use_weighting:
+            pair_weights = torch.exp(stats["chosen_wpo_logw"] + stats["rejected_wpo_logw"])
         return dpo_loss(
             stats["chosen_logps"],
             stats["rejected_logps"],
@@ -332,7 +391,108 @@ class DPOLoss(PreferenceLoss):
             orpo_alpha=self.orpo_alpha,
             discopop_tau=self.discopop_tau,
             nll_weight=self.nll_weight,
+            loss_weights=self.loss_weights,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            pair_weights=pair_weights,
         )
+
+
+@dataclass(frozen=True)
+class CPOLoss(PreferenceLoss):
+    """``trainer=cpo``: :func:`~post_training.losses.cpo.cpo_loss` (CPO's sigmoid / hinge /
+    ipo / simpo with ``cpo_alpha`` · the chosen NLL, and AlphaPO); reference-free. The options
+    are checked when built."""
+
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    cpo_alpha: float = 1.0
+    simpo_gamma: float = 0.5
+    label_smoothing: float = 0.0
+    alpha: float = 0.0
+
+    name = "cpo"
+    needs_reference = False
+
+    def __post_init__(self) -> None:
+        check_cpo_options(
+            self.loss_type, self.beta, self.label_smoothing, self.cpo_alpha, self.alpha
+        )
+
+    @classmethod
+    def from_section(cls, section: Any) -> CPOLoss:
+        return _from_fields(cls, section)
+
+    def __call__(self, stats, ref, batch):
+        return cpo_loss(
+            stats["chosen_logps"],
+            stats["rejected_logps"],
+            stats["chosen_lengths"],
+            stats["rejected_lengths"],
+            beta=self.beta,
+            loss_type=self.loss_type,
+            cpo_alpha=self.cpo_alpha,
+            simpo_gamma=self.simpo_gamma,
+            label_smoothing=self.label_smoothing,
+            alpha=self.alpha,
+        )
+
+
+@dataclass(frozen=True)
+class KTOLoss(PreferenceLoss):
+    """``trainer=kto``: :func:`~post_training.losses.kto.kto_loss` on unpaired examples. Each
+    tokenized row holds the example (document 0: prompt + completion) and its mismatched KL
+    completion (document 1: the same prompt + another example's completion), so
+    ``stats["chosen_*"]`` are the example's and ``stats["rejected_*"]`` the KL pair's; the
+    trainer adds ``stats["kl"]``, the window's reference point ``z₀``."""
+
+    loss_type: str = "kto"
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+    name = "kto"
+    required_columns = ("kto_label",)
+    columns_hint = (
+        "KTO needs unpaired rows (prompt, completion, label), or paired data with "
+        "dataset.unpair=true"
+    )
+
+    def __post_init__(self) -> None:
+        check_kto_options(self.loss_type, self.beta, self.desirable_weight, self.undesirable_weight)
+
+    @classmethod
+    def from_section(cls, section: Any) -> KTOLoss:
+        return _from_fields(cls, section)
+
+    @property
+    def window_kl(self) -> bool:  # type: ignore[override]
+        return self.loss_type == "kto"  # apo_zero_unpaired has no KL term
+
+    def __call__(self, stats, ref, batch):
+        if ref is None:
+            raise ValueError("KTO needs reference log-probs (ref=None given).")
+        kl = stats["kl"] if self.window_kl else torch.zeros((), device=ref[0].device)
+        losses, sums = kto_loss(
+            stats["chosen_logps"],
+            ref[0],
+            batch["kto_label"],
+            kl,
+            beta=self.beta,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+            loss_type=self.loss_type,
+        )
+        # TRL's logits/chosen and logits/rejected: the desirable / undesirable examples'
+        # mean logit (document 0; document 1 is the KL completion)
+        desirable = batch["kto_label"].to(torch.bool)
+        for side, rows in (("chosen", desirable), ("rejected", ~desirable)):
+            sums[f"logits/{side}_sum"] = (stats["chosen_logit_sum"] * rows).sum()
+            sums[f"logits/{side}_tokens"] = (stats["chosen_lengths"] * rows).sum().detach()
+        return losses, sums
+
+    def summarize(self, sums: Mapping[str, float], counts: Mapping[str, float]) -> dict[str, float]:
+        return summarize_kto(sums, counts)
 
 
 @dataclass(frozen=True)
@@ -412,6 +572,8 @@ SFT_LOSSES: dict[str, Callable[[Any], SFTLoss]] = {
 
 PREFERENCE_LOSSES: dict[str, Callable[[Any], PreferenceLoss]] = {
     "dpo": DPOLoss.from_section,
+    "cpo": CPOLoss.from_section,
+    "kto": KTOLoss.from_section,
     "qrpo": QRPOLoss.from_section,
 }
 """``trainer.name`` → the preference loss built from the ``trainer`` section."""

@@ -69,6 +69,34 @@ class TrainPreference(Setup):
             )
         return self
 
+    @model_validator(mode="after")
+    def _unpair_is_for_kto(self) -> TrainPreference:
+        if self.dataset.unpair and self.trainer.name != "kto":
+            raise ValueError(
+                f"dataset.unpair=true with trainer={self.trainer.name}: unpairing makes KTO's "
+                "unpaired examples; the pairwise trainers train on the pairs themselves"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _synced_reference(self) -> TrainPreference:
+        # TR-DPO mixes the policy into a frozen reference model scored live.
+        if not getattr(self.trainer, "sync_ref_model", False):
+            return self
+        if self.reference.precompute:
+            raise ValueError(
+                "trainer.sync_ref_model=true with reference.precompute=true: "
+                "reference.precompute=true fixes the reference log-probs once; TR-DPO needs "
+                "the reference scored live (reference.precompute=false)"
+            )
+        if self.model_args.use_peft and not self.reference.model_name_or_path:
+            raise ValueError(
+                "trainer.sync_ref_model=true with model_args.use_peft=true: a PEFT policy's "
+                "reference is its base model, which stays frozen; give a "
+                "reference.model_name_or_path or train without PEFT"
+            )
+        return self
+
 
 # ---------------------------------------------------------------------------------- others
 class HarnessOptions(Section):

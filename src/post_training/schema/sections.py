@@ -153,6 +153,11 @@ class Dataset(Section):
     )
     max_train_examples: PositiveInt | None = Field(description="cap on train rows (null: all)")
     max_eval_examples: PositiveInt | None = Field(description="cap on eval rows (null: all)")
+    unpair: bool = Field(
+        default=False,
+        description="trainer=kto: split each preference pair into two unpaired examples "
+        "(chosen: label true, rejected: label false)",
+    )
 
     @field_validator("train")
     @classmethod

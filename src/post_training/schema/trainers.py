@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from post_training.losses import dpo
+from post_training.losses.cpo import check_cpo_options
 from post_training.losses.qrpo import check_qrpo_options
 from post_training.schema.base import Section
 
@@ -48,7 +49,13 @@ class IRLTrainer(Section):
 class DPOTrainer(Section):
     name: Literal["dpo"] = Field(description="the DPO family, SimPO and ORPO")
     beta: float = Field(gt=0, description="β: strength of the implicit KL constraint")
-    loss_type: str = Field(description="a DPO-family loss type (post_training.losses.dpo)")
+    loss_type: str | list[str] = Field(
+        description="a DPO-family loss type (post_training.losses.dpo), or a list of them "
+        "(MPO-style, weighted by loss_weights; 'sft' in a list is the chosen NLL)"
+    )
+    loss_weights: list[float] | None = Field(
+        description="a list loss_type: one weight per type (default 1 each)"
+    )
     label_smoothing: float = Field(
         ge=0, lt=1, description="ε: sigmoid (cDPO), robust, simpo (< 0.5); exo_pair (> 0)"
     )
@@ -56,23 +63,75 @@ class DPOTrainer(Section):
     simpo_gamma: float = Field(description="simpo: target margin γ")
     orpo_alpha: float = Field(ge=0, description="orpo: weight λ of the odds-ratio term")
     discopop_tau: float = Field(gt=0, description="discopop: temperature of the mixing sigmoid")
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = (
+        Field(description="f-DPO: the divergence of the constraint")
+    )
+    f_alpha_divergence_coef: float = Field(gt=0, description="alpha_divergence: its α")
+    ld_alpha: float | None = Field(
+        ge=0, le=1, description="LD-DPO: weight of tokens beyond the shorter reply"
+    )
+    use_weighting: bool = Field(description="WPO: weight pairs by their on-policy probability")
+    sync_ref_model: bool = Field(description="TR-DPO: mix the policy into the reference")
+    ref_model_mixup_alpha: float = Field(
+        gt=0, le=1, description="TR-DPO: the policy's weight α in each mix"
+    )
+    ref_model_sync_steps: int = Field(ge=1, description="TR-DPO: steps between mixes")
 
     @field_validator("loss_type")
     @classmethod
-    def _known_loss(cls, value: str) -> str:
-        known = dpo.LOSS_TYPES  # read from the loss table now: a new entry is accepted
-        if value not in known:
-            raise ValueError(f"must be one of {', '.join(known)}")
+    def _known_loss(cls, value: str | list[str]) -> str | list[str]:
+        known = (*dpo.LOSS_TYPES, dpo.NLL_ENTRY)  # read from the loss table now
+        for name in dpo.as_loss_types(value):
+            if name not in known:
+                raise ValueError(f"{name!r}: must be one of {', '.join(dpo.LOSS_TYPES)}")
         return value
 
     @model_validator(mode="after")
     def _loss_options(self) -> DPOTrainer:
-        # The rules of the loss type's table entry (losses.dpo.check_dpo_options), e.g.
-        # exo_pair needs 0 < label_smoothing < 1, orpo nll_weight=0.
+        # The rules of the loss types' table entries (losses.dpo.check_dpo_options), e.g.
+        # exo_pair needs 0 < label_smoothing < 1, orpo nll_weight=0; TR-DPO's.
         dpo.check_dpo_options(
-            self.loss_type, self.beta, self.label_smoothing, self.discopop_tau, self.nll_weight
+            self.loss_type,
+            self.beta,
+            self.label_smoothing,
+            self.discopop_tau,
+            self.nll_weight,
+            loss_weights=self.loss_weights,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            ld_alpha=self.ld_alpha,
+        )
+        dpo.check_sync_options(
+            self.sync_ref_model, self.ref_model_mixup_alpha, self.ref_model_sync_steps
         )
         return self
+
+
+class CPOTrainer(Section):
+    name: Literal["cpo"] = Field(description="CPO and AlphaPO: reference-free, + chosen NLL")
+    beta: float = Field(gt=0, description="β: temperature of the preference term")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "simpo", "alphapo"] = Field(
+        description="sigmoid / hinge on summed, ipo / simpo / alphapo on averaged log-probs"
+    )
+    cpo_alpha: float = Field(ge=0, description="weight of the chosen NLL (0 for alphapo)")
+    simpo_gamma: float = Field(description="simpo / alphapo: target margin γ")
+    label_smoothing: float = Field(ge=0, lt=0.5, description="ε: sigmoid, simpo, alphapo")
+    alpha: float = Field(description="AlphaPO's α: reward (1 − p^(−α))/α (0: log p)")
+
+    @model_validator(mode="after")
+    def _loss_options(self) -> CPOTrainer:
+        check_cpo_options(
+            self.loss_type, self.beta, self.label_smoothing, self.cpo_alpha, self.alpha
+        )
+        return self
+
+
+class KTOTrainer(Section):
+    name: Literal["kto"] = Field(description="KTO on unpaired data (prompt, completion, label)")
+    beta: float = Field(gt=0, description="β")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(description="kto | apo_zero_unpaired")
+    desirable_weight: float = Field(gt=0, description="λ_D: weight of desirable examples")
+    undesirable_weight: float = Field(gt=0, description="λ_U: weight of undesirable examples")
 
 
 class QRPOTrainer(Section):
@@ -98,4 +157,6 @@ class QRPOTrainer(Section):
 SFTTrainers = Annotated[
     SFTTrainer | PLWTrainer | LNPLWTrainer | IRLTrainer, Field(discriminator="name")
 ]
-PreferenceTrainers = Annotated[DPOTrainer | QRPOTrainer, Field(discriminator="name")]
+PreferenceTrainers = Annotated[
+    DPOTrainer | CPOTrainer | KTOTrainer | QRPOTrainer, Field(discriminator="name")
+]

@@ -32,6 +32,7 @@ import torch
 
 from post_training.data_sft.collate import pad_collate
 from post_training.data_sft.training_data import tokenize_options, tokenizer_fingerprint
+from post_training.errors import ConfigError
 from post_training.trainers.preference import pair_statistics
 from post_training.trainers.sft import sft_forward
 from post_training.utils.atomic import atomic_file
@@ -62,10 +63,12 @@ def summed_logps(
     chunk_size: int = 0,
     device: torch.device | None = None,
     without_adapters: bool = False,
+    ld_alpha: float | None = None,
 ) -> np.ndarray:
     """Summed completion log-probs under ``model`` with the forward and masks of training:
     ``[n, 2]`` (chosen, rejected) for tokenized pairs (``encode_pairs``), ``[n]`` for single
-    tokenized conversations. ``without_adapters``: the PEFT policy's base model."""
+    tokenized conversations. ``without_adapters``: the PEFT policy's base model;
+    ``ld_alpha``: LD-DPO's sums of pairs (:func:`pair_statistics`)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -78,7 +81,7 @@ def summed_logps(
             with _adapters_off(model) if without_adapters else nullcontext():
                 result = sft_forward(model, batch, chunk_size)
             if "position_ids" in batch:
-                stats = pair_statistics(result, batch)
+                stats = pair_statistics(result, batch, ld_alpha)
                 out.append(torch.stack([stats["chosen_logps"], stats["rejected_logps"]], -1))
             else:
                 mask = result["completion"].to(result["logps"].dtype)
@@ -91,9 +94,12 @@ def summed_logps(
 
 
 def cache_file(config: Mapping[str, Any], tokenizer: Any) -> Path:
-    """Where the precomputed reference log-probs of this data, tokenizer and reference live."""
+    """Where the precomputed reference log-probs of this data, tokenizer and reference live
+    (LD-DPO's ``ld_alpha`` changes the sums, so it is part of the key when set)."""
+    ld_alpha = config["trainer"].get("ld_alpha")
     key = config_hash(
         {
+            **({"ld_alpha": ld_alpha} if ld_alpha is not None else {}),
             "dataset": config["dataset"],
             "options": vars(tokenize_options(config)),
             "max_prompt_length": config["training_args"].get("max_prompt_length"),
@@ -116,23 +122,44 @@ class Reference:
     model: torch.nn.Module | None = None
     chunk_size: int = 0
     cache: Path | None = field(default=None)
+    ld_alpha: float | None = None
 
     @classmethod
     def decide(
-        cls, needs_reference: bool, rows: Sequence[Mapping[str, Any]], peft: bool, config: Any
+        cls, loss: Any, rows: Sequence[Mapping[str, Any]], peft: bool, config: Any
     ) -> Reference:
-        """The mode for a loss (``needs_reference``), the training rows, whether the policy
-        is a PEFT model, and the typed config (``reference``, ``training_args``)."""
-        if not needs_reference:
+        """The mode for a loss object (``needs_reference``, ``ld_alpha``, ``sync_ref_model``),
+        the training rows, whether the policy is a PEFT model, and the typed config
+        (``reference``, ``training_args``). Dataset reference columns are full sums of a fixed
+        reference: with LD-DPO's ``ld_alpha`` or TR-DPO's ``sync_ref_model`` they are not used
+        (the reference is scored instead). TR-DPO needs a live frozen reference model (the
+        config schema refuses the other cases; an assertion here)."""
+        ld_alpha = getattr(loss, "ld_alpha", None)
+        has_columns = bool(rows) and all(k in row for row in rows for k in REF_KEYS)
+        if not loss.needs_reference:
             mode = "none"
-        elif rows and all(k in row for row in rows for k in REF_KEYS):
+        elif has_columns and ld_alpha is None and not loss.sync_ref_model:
             mode = "dataset"
         elif peft and not config.reference.model_name_or_path:
             mode = "peft"
         else:
             mode = "model"
+        if has_columns and mode in ("model", "peft"):
+            log.warning(
+                "The dataset's ref_chosen_logps / ref_rejected_logps are not used: %s",
+                "trainer.ld_alpha needs LD-DPO sums"
+                if ld_alpha is not None
+                else "trainer.sync_ref_model changes the reference during training",
+            )
         precompute = config.reference.precompute and mode in ("model", "peft")
-        return cls(mode, precompute, chunk_size=config.training_args.loss_chunk_size)
+        if loss.sync_ref_model and (mode != "model" or precompute):
+            raise ConfigError(
+                "trainer.sync_ref_model=true needs a frozen reference model scored live "
+                f"(reference mode here: {mode}{', precomputed' if precompute else ''})"
+            )
+        return cls(
+            mode, precompute, chunk_size=config.training_args.loss_chunk_size, ld_alpha=ld_alpha
+        )
 
     def describe(self) -> str:
         return self.mode + (" (precomputed once)" if self.precompute else "")
@@ -169,10 +196,10 @@ class Reference:
         for a reference-free loss. ``forward(model, batch)`` gives the pair statistics."""
         if self.mode == "none":
             return None
-        if all(k in batch for k in REF_KEYS):
+        if self.mode == "dataset" or self.precompute:  # the columns (dataset's or precomputed)
+            if not all(k in batch for k in REF_KEYS):
+                raise RuntimeError(f"reference mode {self.describe()} but a batch lacks {REF_KEYS}")
             return batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
-        if self.mode == "dataset":
-            raise RuntimeError("reference mode 'dataset' but the batch has no reference columns")
         if self.mode == "model":
             assert self.model is not None, "Reference.load() was not called"
             ref = forward(self.model, batch)
@@ -210,6 +237,7 @@ class Reference:
                 self.chunk_size,
                 device=accelerator.device,
                 without_adapters=self.mode == "peft",
+                ld_alpha=self.ld_alpha,
             )
             if accelerator.is_main_process:
                 with atomic_file(path) as tmp:

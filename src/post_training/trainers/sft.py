@@ -71,8 +71,10 @@ def sft_forward(
     batch: dict[str, torch.Tensor],
     chunk_size: int = 0,
     grad_hint: torch.Tensor | None = None,
+    sum_sq: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Aligned per-token tensors: logps, lse, correct (argmax hit) and the shifted masks.
+    """Aligned per-token tensors: logps, lse, correct (argmax hit) and the shifted masks;
+    with ``sum_sq``, also ``log_sum_sq`` (``log Σ_v p_v²``, detached; WPO's weights).
 
     Every real token is a target (PLW weights prompt tokens too); the masks select which count.
     With ``chunk_size > 0`` the LM head computes them chunk by chunk from the last hidden state
@@ -85,18 +87,26 @@ def sft_forward(
     inputs = model_inputs(batch)
     head = chunkable_head(model) if chunk_size > 0 else None
     if head is not None:
-        with logprob_head(head, shift_labels(tokens, IGNORE_INDEX), chunk_size, grad_hint):
-            logps, lse, correct, logit_mean = model(**inputs).logits.unbind(-1)
+        targets = shift_labels(tokens, IGNORE_INDEX)
+        with logprob_head(head, targets, chunk_size, grad_hint, sum_sq=sum_sq):
+            logps, lse, correct, logit_mean, *extra = model(**inputs).logits.unbind(-1)
+        extra = {"log_sum_sq": extra[0].detach()} if sum_sq else {}
     else:
         logits = model(**inputs).logits
         logps, lse, correct = next_token_logps_and_lse(logits, tokens)
         logit_mean = logits.detach().float().mean(-1)
+        extra = {}
+        if sum_sq:
+            with torch.no_grad():
+                wide = logits.float()
+                extra["log_sum_sq"] = torch.logsumexp(2 * wide, -1) - 2 * lse.detach()
         del logits
     return {
         "logps": logps,
         "lse": lse,
         "correct": correct,
         "logit_mean": logit_mean,
+        **extra,
         **sft_masks(batch),
     }
 

@@ -35,6 +35,7 @@ DEFAULT_INTERVAL_S = float(os.environ.get("POST_TRAINING_PROGRESS_INTERVAL_S", 1
 PREFERENCE_KEYS = {
     "rewards/margins": "margin",
     "rewards/accuracies": "acc",
+    "kl": "kl",  # KTO's reference point z₀
 }
 
 
