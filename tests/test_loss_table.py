@@ -365,9 +365,11 @@ def test_bad_options_are_refused_when_built() -> None:
 
 
 def test_unknown_name_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"trainer\.name='kto'.*sft, plw, ln-plw, irl, dpo, qrpo"):
-        build_loss({"name": "kto"})
-    with pytest.raises(ValueError, match=r"trainer\.name='sft'.*known: dpo, qrpo"):
+    with pytest.raises(
+        ValueError, match=r"trainer\.name='bco'.*sft, plw, ln-plw, irl, dpo, cpo, kto, qrpo"
+    ):
+        build_loss({"name": "bco"})
+    with pytest.raises(ValueError, match=r"trainer\.name='sft'.*known: dpo, cpo, kto, qrpo"):
         build_loss({"name": "sft"}, PREFERENCE_LOSSES)
     assert isinstance(build_loss({"name": "sft"}, SFT_LOSSES), SFTLoss)
 

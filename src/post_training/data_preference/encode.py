@@ -218,7 +218,7 @@ def load_preference_data(
     """Tokenized train / eval pairs of ``config["dataset"]`` and the filter reports. For
     ``trainer=kto`` the rows are unpaired examples, each as a pair-shaped row with its KL
     completion (:mod:`post_training.data_preference.unpaired`)."""
-    kto = config["trainer"]["name"] == "kto"
+    kto = (config.get("trainer") or {}).get("name") == "kto"  # the alignment stages have none
     from post_training.data_sft.templates import ChatTemplate, resolve_template
     from post_training.data_sft.training_data import tokenize_options
 
