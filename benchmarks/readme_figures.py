@@ -3,6 +3,7 @@
     python -m benchmarks.readme_figures main-job      # runs the README's main job (~9 min)
     python -m benchmarks.readme_figures tests          # counts the collected tests (~30 s)
     python -m benchmarks.readme_figures ci LOG         # reads a `.ci/run` log: times, outcome
+    python -m benchmarks.readme_figures preference     # SFT start, then KTO and DPO (~15 min)
     python -m benchmarks.readme_figures write          # rewrites the README from the record
     python -m benchmarks.readme_figures check          # exit 1 when README and record differ
 
@@ -56,6 +57,9 @@ FORMATS: dict[str, Callable[[Any], str]] = {
     "ci_pytest_time": duration,
     "ci_outcome": str,
     "ci_date": str,
+    "pref_start": lambda v: f"{v:.3f}",
+    "pref_kto_tiny_pairs": lambda v: f"{v:.3f}",
+    "pref_dpo_tiny_pairs": lambda v: f"{v:.3f}",
 }
 
 
@@ -203,6 +207,38 @@ def ci_figures(log: str) -> dict[str, Any]:
     }
 
 
+PREFERENCE_START = ("training_args.num_train_epochs=null", "training_args.max_steps=300")
+"""The SFT start of the preference figures: the preference e2e tests' start (300 steps)."""
+PREFERENCE_RUN = ("dataset.max_train_examples=1000", "training_args.learning_rate=5e-5")
+"""Each preference run: 1,000 pairs of ``tiny-pairs``, one epoch, lr 5e-5."""
+
+
+def _accuracy(artifacts: Path, entrypoint: str, args: list[str]) -> tuple[float, Path]:
+    """Run ``post_training.<entrypoint>`` in ``artifacts``; its held-out exact match and model."""
+    env = {**os.environ, "POST_TRAINING_ARTIFACTS_DIR": str(artifacts)}
+    command = [sys.executable, "-m", f"post_training.{entrypoint}", "wandb.mode=disabled",
+               "tensorboard=false", *args]  # fmt: skip
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    (final,) = (artifacts / "private").rglob("final-model")
+    result = json.loads((final / "eval-tiny-tasks.json").read_text(encoding="utf-8"))
+    return float(result["accuracy"]), final
+
+
+def preference_figures(root: Path) -> dict[str, Any]:
+    """The README's "what to expect" figures: a 300-step SFT start, then KTO and DPO on
+    ``tiny-pairs`` (off-policy pairs: the task's answer vs a random wrong one) from it."""
+    start, model = _accuracy(root / "sft", "train_sft", list(PREFERENCE_START))
+    origin = [f"model.model_name_or_path={model}", "model.init_from_config=false"]
+    figures: dict[str, Any] = {"pref_start": start}
+    for key, trainer in (("pref_kto_tiny_pairs", ["trainer=kto", "dataset.unpair=true"]),
+                         ("pref_dpo_tiny_pairs", ["trainer=dpo"])):  # fmt: skip
+        figures[key], _ = _accuracy(root / key, "train_preference",
+                                    [*origin, *trainer, *PREFERENCE_RUN])  # fmt: skip
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -210,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("tests", help="record the number of collected tests")
     ci = sub.add_parser("ci", help="record the times and outcome of a .ci/run log")
     ci.add_argument("log", type=Path)
+    sub.add_parser("preference", help="record KTO and DPO from an SFT start (~15 min)")
     sub.add_parser("write", help="write the record into the README")
     sub.add_parser("check", help="exit 1 when the README and the record differ")
     args = parser.parse_args(argv)
@@ -222,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="readme-main-job-") as tmp:
             values = run_main_job(Path(tmp))
         record = update_record(values, "python -m benchmarks.readme_figures main-job")
+    elif args.what == "preference":
+        with tempfile.TemporaryDirectory(prefix="readme-preference-") as tmp:
+            values = preference_figures(Path(tmp))
+        record = update_record(values, "python -m benchmarks.readme_figures preference")
     elif args.what == "tests":
         record = update_record({"tests_collected": count_tests()}, "pytest --collect-only")
     elif args.what == "ci":

@@ -60,6 +60,16 @@ COMMANDS: dict[str, Check] = {
     "dataset.train.path=<pairs with ref_rewards>.jsonl ...": Check(
         "covered", "../reproducibility-scripts/alignment/tiny-end-to-end/run.sh::trainer=qrpo"
     ),
+    ".venv/bin/python -m post_training.train_preference 'trainer.loss_type=[sigmoid,bco_pair,sft]' "
+    "'trainer.loss_weights=[0.8,0.2,1.0]' trainer.ld_alpha=0.5 trainer.use_weighting=true": Check(
+        "covered", "test_e2e_dpo_options.py::trainer.loss_weights=[0.8,0.2,1.0]"
+    ),
+    ".venv/bin/python -m post_training.train_preference trainer=cpo trainer.loss_type=alphapo "
+    "trainer.alpha=0.25": Check("covered", "test_e2e_dpo_options.py::trainer.alpha=0.25"),
+    ".venv/bin/python -m post_training.train_preference trainer=kto dataset.unpair=true "
+    "model.model_name_or_path=<sft>/final-model model.init_from_config=false": Check(
+        "covered", "test_e2e_kto.py::dataset.unpair=true"
+    ),
     "bash reproducibility-scripts/alignment/tiny-end-to-end/run.sh": Check(
         "covered", "test_e2e_alignment.py::tiny-end-to-end/run.sh"
     ),

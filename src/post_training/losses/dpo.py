@@ -78,6 +78,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -455,6 +456,26 @@ def check_sync_options(sync_ref_model: bool, mixup_alpha: float, sync_steps: int
         )
     if sync_steps < 1:
         raise ValueError(f"trainer.ref_model_sync_steps={sync_steps!r}: must be >= 1.")
+
+
+def check_dpo_section(section: Any) -> None:
+    """Every rule of a ``trainer=dpo`` section (an object with its keys as attributes: the
+    typed schema section or the loss object): :func:`check_dpo_options` and
+    :func:`check_sync_options`."""
+    check_dpo_options(
+        section.loss_type,
+        section.beta,
+        section.label_smoothing,
+        section.discopop_tau,
+        section.nll_weight,
+        loss_weights=section.loss_weights,
+        f_divergence_type=section.f_divergence_type,
+        f_alpha_divergence_coef=section.f_alpha_divergence_coef,
+        ld_alpha=section.ld_alpha,
+    )
+    check_sync_options(
+        section.sync_ref_model, section.ref_model_mixup_alpha, section.ref_model_sync_steps
+    )
 
 
 def _check_tensors(reference_free: bool, tensors: dict[str, torch.Tensor | None]) -> None:

@@ -37,8 +37,7 @@ from post_training.losses.cpo import check_cpo_options, cpo_loss
 from post_training.losses.dpo import (
     REFERENCE_FREE,
     as_loss_types,
-    check_dpo_options,
-    check_sync_options,
+    check_dpo_section,
     dpo_loss,
 )
 from post_training.losses.irl import irl_loss
@@ -335,20 +334,7 @@ class DPOLoss(PreferenceLoss):
     name = "dpo"
 
     def __post_init__(self) -> None:
-        check_dpo_options(
-            self.loss_type,
-            self.beta,
-            self.label_smoothing,
-            self.discopop_tau,
-            self.nll_weight,
-            loss_weights=self.loss_weights,
-            f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-            ld_alpha=self.ld_alpha,
-        )
-        check_sync_options(
-            self.sync_ref_model, self.ref_model_mixup_alpha, self.ref_model_sync_steps
-        )
+        check_dpo_section(self)
         if self.sync_ref_model and not self.needs_reference:
             raise ValueError(
                 f"trainer.sync_ref_model=true: loss_type={self.loss_type!r} is reference-free; "

@@ -90,20 +90,7 @@ class DPOTrainer(Section):
     def _loss_options(self) -> DPOTrainer:
         # The rules of the loss types' table entries (losses.dpo.check_dpo_options), e.g.
         # exo_pair needs 0 < label_smoothing < 1, orpo nll_weight=0; TR-DPO's.
-        dpo.check_dpo_options(
-            self.loss_type,
-            self.beta,
-            self.label_smoothing,
-            self.discopop_tau,
-            self.nll_weight,
-            loss_weights=self.loss_weights,
-            f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-            ld_alpha=self.ld_alpha,
-        )
-        dpo.check_sync_options(
-            self.sync_ref_model, self.ref_model_mixup_alpha, self.ref_model_sync_steps
-        )
+        dpo.check_dpo_section(self)
         return self
 
 
