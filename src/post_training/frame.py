@@ -225,12 +225,14 @@ def begin(cfg: DictConfig) -> Frame:
     return Frame(args, accelerator, run, load_tokenizer(run.config["model"]))
 
 
-def load_policy(frame: Frame) -> Any:
-    """The model to train (``model``), with LoRA adapters when ``model_args.use_peft``."""
+def load_policy(frame: Frame, reward_head: bool = False) -> Any:
+    """The model to train (``model``), with LoRA adapters when ``model_args.use_peft``;
+    ``reward_head``: as a one-label sequence classifier (``train_reward``)."""
     from post_training.modeling.loading import apply_peft, load_model
 
     model_args = frame.config["model_args"]
-    return apply_peft(load_model(frame.config["model"], frame.tokenizer, model_args), model_args)
+    model = load_model(frame.config["model"], frame.tokenizer, model_args, reward_head=reward_head)
+    return apply_peft(model, model_args, task_type="SEQ_CLS" if reward_head else "CAUSAL_LM")
 
 
 def finish(
@@ -285,8 +287,8 @@ def finish(
         else:
             del trainer, model  # evaluation scores the saved final model, as `evaluate` would
             accelerator.free_memory()
-            evaluation = run.config["evaluation"]
-            if evaluation["at_end"] and evaluation_dataset and accelerator.is_main_process:
+            evaluation = run.config.get("evaluation") or {}  # train_reward has none
+            if evaluation_dataset and evaluation["at_end"] and accelerator.is_main_process:
                 evaluate_final_model(
                     outcome.final_model_dir,
                     dict(evaluation_dataset),

@@ -47,6 +47,7 @@ PAIR_SCALARS = (
     "ref_rejected_logps",
     "chosen_quantile_reward",
     "rejected_quantile_reward",
+    "margin",
 )
 SIDES = ("chosen", "rejected")
 Example = dict[str, np.ndarray]

@@ -58,6 +58,7 @@ FLOAT_COLUMNS = (
     "ref_rejected_logps",
     "chosen_quantile_reward",
     "rejected_quantile_reward",
+    "margin",  # train_reward: how much better chosen is (subtracted in the Bradley–Terry loss)
 )
 
 

@@ -44,6 +44,7 @@ from post_training.losses.irl import irl_loss
 from post_training.losses.kto import check_kto_options, kto_loss, summarize_kto
 from post_training.losses.plw import ln_plw_loss, plw_loss
 from post_training.losses.qrpo import check_qrpo_options, qrpo_loss
+from post_training.losses.reward import check_reward_options, reward_loss
 
 log = logging.getLogger(__name__)
 
@@ -548,6 +549,37 @@ class QRPOLoss(PreferenceLoss):
 
 # --------------------------------------------------------------------------- the tables
 
+# --------------------------------------------------------------------------- reward models
+
+
+@dataclass(frozen=True)
+class RewardLoss:
+    """``trainer=reward`` (``train_reward``): :func:`~post_training.losses.reward.reward_loss`
+    on the rewards the model gives each pair's chosen and rejected conversation; a dataset
+    column ``margin`` (when the rows have it) is subtracted from their difference."""
+
+    center_rewards_coefficient: float | None = None
+
+    name = "reward"
+
+    def __post_init__(self) -> None:
+        check_reward_options(self.center_rewards_coefficient)
+
+    @classmethod
+    def from_section(cls, section: Any) -> RewardLoss:
+        return _from_fields(cls, section)
+
+    def __call__(
+        self, chosen: torch.Tensor, rejected: torch.Tensor, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return reward_loss(chosen, rejected, batch.get("margin"), self.center_rewards_coefficient)
+
+    def summarize(self, sums: Mapping[str, float], counts: Mapping[str, float]) -> dict[str, float]:
+        """Each per-pair metric's mean over the window's pairs (``accuracy``, ``margin``, ...)."""
+        pairs = max(counts.get(PAIR_COUNT_KEY, 0.0), 1.0)
+        return {key: value / pairs for key, value in sums.items() if key != "loss"}
+
+
 SFT_LOSSES: dict[str, Callable[[Any], SFTLoss]] = {
     "sft": NLLLoss.from_section,
     "plw": PLWLoss.from_section,
@@ -563,6 +595,9 @@ PREFERENCE_LOSSES: dict[str, Callable[[Any], PreferenceLoss]] = {
     "qrpo": QRPOLoss.from_section,
 }
 """``trainer.name`` → the preference loss built from the ``trainer`` section."""
+
+REWARD_LOSSES: dict[str, Callable[[Any], RewardLoss]] = {"reward": RewardLoss.from_section}
+"""``trainer.name`` → the reward model's loss (``train_reward``)."""
 
 
 def build_loss(

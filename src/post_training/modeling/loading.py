@@ -17,6 +17,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -196,10 +197,13 @@ def quantization_config(model_cfg: dict[str, Any], model_args: dict[str, Any]):
     )
 
 
-def apply_peft(model: PreTrainedModel, model_args: dict[str, Any] | None) -> torch.nn.Module:
+def apply_peft(
+    model: PreTrainedModel, model_args: dict[str, Any] | None, task_type: str = "CAUSAL_LM"
+) -> torch.nn.Module:
     """Wrap in LoRA adapters when ``model_args.use_peft`` (TRL ModelConfig keys). A model loaded
     in 4 bits (QLoRA, see :func:`load_model`) is first made trainable the PEFT way: frozen
-    quantized base, layer norms and head in fp32, input gradients enabled."""
+    quantized base, layer norms and head in fp32, input gradients enabled. ``task_type``
+    ``SEQ_CLS`` (a reward model) also trains the new head in full (PEFT's module to save)."""
     quantized = getattr(model, "is_loaded_in_4bit", False)
     if model_args and model_args.get("load_in_4bit") and not quantized:
         raise ConfigError(
@@ -221,7 +225,7 @@ def apply_peft(model: PreTrainedModel, model_args: dict[str, Any] | None) -> tor
         target_modules=targets if isinstance(targets, str) else list(targets),
         modules_to_save=model_args.get("lora_modules_to_save"),
         use_rslora=bool(model_args.get("use_rslora", False)),
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     model = get_peft_model(model, config)
     trainable, total = model.get_nb_trainable_parameters()
@@ -256,10 +260,13 @@ def load_model(
     tokenizer: PreTrainedTokenizerBase,
     model_args: dict[str, Any] | None = None,
     key: str = "model.model_name_or_path",
+    reward_head: bool = False,
 ) -> PreTrainedModel:
     """From pretrained safetensors, or randomly initialised from ``init_seed`` (tiny model).
     With ``model_args.load_in_4bit`` (QLoRA), the pretrained weights are quantized to 4 bits
-    on load, on this process's GPU. ``key`` names ``model_name_or_path`` in errors."""
+    on load, on this process's GPU. ``key`` names ``model_name_or_path`` in errors.
+    ``reward_head``: an ``AutoModelForSequenceClassification`` with one label (a causal LM
+    checkpoint gets a new head, seeded by ``init_seed``; its LM head is dropped)."""
     dtype = torch_dtype(model_cfg["torch_dtype"])
     common: dict[str, Any] = {
         "dtype": dtype,
@@ -274,20 +281,29 @@ def load_model(
     path = model_cfg["model_name_or_path"]
     weights = not model_cfg["init_from_config"]
     check_model_path(path, key, needs=ModelNeeds(config=True, weights=weights))
+    auto = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
+    if reward_head:
+        common["num_labels"] = 1
     if model_cfg["init_from_config"]:
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"])
+        if reward_head:
+            config.num_labels = 1
+            del common["num_labels"]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(model_cfg["init_seed"]))
-            model = AutoModelForCausalLM.from_config(config, **common)
+            model = auto.from_config(config, **common)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **common)
+        with torch.random.fork_rng(devices=[]):  # a reward head new to the checkpoint: seeded
+            torch.manual_seed(int(model_cfg["init_seed"]))
+            model = auto.from_pretrained(path, use_safetensors=True, **common)
+    generation = getattr(model, "generation_config", None)  # a reward model has none
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(tokenizer, name)
         setattr(model.config, name, value)
-        if model.generation_config is not None:
-            setattr(model.generation_config, name, value)
+        if generation is not None:
+            setattr(generation, name, value)
     stops = stop_token_ids(model_cfg, tokenizer)
-    if model.generation_config is not None and len(stops) > 1:
-        model.generation_config.eos_token_id = stops
+    if generation is not None and len(stops) > 1:
+        generation.eos_token_id = stops
     log.info("Model %s: %.2fM parameters, dtype %s", path, model.num_parameters() / 1e6, dtype)
     return model

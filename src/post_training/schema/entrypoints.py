@@ -16,7 +16,7 @@ from post_training.schema.sections import (
     Setup,
     TorchDtype,
 )
-from post_training.schema.trainers import PreferenceTrainers, SFTTrainers
+from post_training.schema.trainers import PreferenceTrainers, RewardTrainer, SFTTrainers
 from post_training.schema.training import (
     Evaluation,
     HarnessBatchSize,
@@ -94,6 +94,24 @@ class TrainPreference(Setup):
                 "trainer.sync_ref_model=true with model_args.use_peft=true: a PEFT policy's "
                 "reference is its base model, which stays frozen; give a "
                 "reference.model_name_or_path or train without PEFT"
+            )
+        return self
+
+
+class TrainReward(Setup):
+    model: Model
+    dataset: Dataset
+    data: DataOptions
+    trainer: RewardTrainer
+    accelerate: Accelerate
+    model_args: ModelArgs
+    training_args: PreferenceTrainingArgs
+
+    @model_validator(mode="after")
+    def _pairs_only(self) -> TrainReward:
+        if self.dataset.unpair:
+            raise ValueError(
+                "dataset.unpair=true with train_reward: a reward model learns from pairs"
             )
         return self
 
@@ -328,6 +346,7 @@ class MergePartitions(AlignmentStage):
 SCHEMAS: dict[str, type[Setup]] = {
     "train_sft": TrainSFT,
     "train_preference": TrainPreference,
+    "train_reward": TrainReward,
     "evaluate": Evaluate,
     "model_merging": ModelMerging,
     "dataset_mixture": DatasetMixture,
@@ -345,6 +364,7 @@ SCHEMAS: dict[str, type[Setup]] = {
 CONFIG_NAMES: dict[str, str] = {
     "train_sft": "train-sft",
     "train_preference": "train-preference",
+    "train_reward": "train-reward",
     "evaluate": "evaluate",
     "model_merging": "model-merging",
     "dataset_mixture": "dataset-mixture",

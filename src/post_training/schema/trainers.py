@@ -141,6 +141,13 @@ class QRPOTrainer(Section):
         return self
 
 
+class RewardTrainer(Section):
+    name: Literal["reward"] = Field(description="a reward model: Bradley–Terry on pairs")
+    center_rewards_coefficient: float | None = Field(
+        ge=0, description="weight of (r_chosen + r_rejected)² (null: none)"
+    )
+
+
 SFTTrainers = Annotated[
     SFTTrainer | PLWTrainer | LNPLWTrainer | IRLTrainer, Field(discriminator="name")
 ]

@@ -36,6 +36,7 @@ PREFERENCE_KEYS = {
     "rewards/margins": "margin",
     "rewards/accuracies": "acc",
     "kl": "kl",  # KTO's reference point z₀
+    "accuracy": "acc",  # a reward model's (train_reward)
 }
 
 

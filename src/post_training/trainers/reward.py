@@ -1,0 +1,101 @@
+"""The reward-model trainer: a one-label sequence classifier trained on preference pairs with
+the Bradley–Terry loss (``post_training.losses.reward_loss``) behind the shared loop of
+``base.Trainer``.
+
+Rows are the preference trainer's: one pair per row, chosen then rejected, ``position_ids``
+restarting at the rejected side, so one padding-free forward scores both. The model's head
+(``score``) gives a scalar at every position; a conversation's reward is the one at its last
+token that is not the pad token — where ``AutoModelForSequenceClassification`` pools when it
+scores the conversation alone, as ``data_alignment.compute_rewards`` does with the saved
+model. The head is read through the model's own forward (its output captured), so DDP, FSDP
+and ZeRO wrap the model as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from post_training.trainers.base import Trainer
+from post_training.trainers.sft import model_inputs
+
+
+def score_head(model: nn.Module) -> nn.Module:
+    """The one-label head of a sequence classifier (``score``, or ``classifier``), inside a
+    DDP / DeepSpeed wrapper (``.module``); a PEFT model forwards the name to its trained copy
+    of the head (a module to save)."""
+    base = getattr(model, "module", model)
+    for name in ("score", "classifier"):
+        head = getattr(base, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise TypeError(f"{type(base).__name__} has no sequence-classification head (score)")
+
+
+@contextmanager
+def captured_scores(head: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, ``captured["scores"]`` is the head's per-token output [B, T, 1] of the
+    last forward (the model then pools it as usual; the pooled value is not used)."""
+    captured: dict[str, torch.Tensor] = {}
+    original = head.forward
+
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = original(*args, **kwargs)
+        captured["scores"] = out
+        return out
+
+    head.forward = forward  # type: ignore[method-assign]
+    try:
+        yield captured
+    finally:
+        del head.forward
+
+
+def document_ends(batch: dict[str, torch.Tensor], pad_token_id: int | None) -> torch.Tensor:
+    """[B, 2] positions of the chosen (document 0) and rejected (document 1) conversations'
+    last token that is not ``pad_token_id`` (HF's pooling rule; its last token when none)."""
+    position_ids, mask = batch["position_ids"], batch["attention_mask"].bool()
+    document = (position_ids == 0).cumsum(-1) - 1  # 0 chosen, 1 rejected (padding: its own)
+    index = torch.arange(position_ids.shape[1], device=position_ids.device).expand_as(document)
+    real = mask if pad_token_id is None else mask & (batch["input_ids"] != pad_token_id)
+    ends = []
+    for side in (0, 1):
+        inside = mask & (document == side)
+        candidates = torch.where(inside & real, index, -1).amax(-1)
+        fallback = torch.where(inside, index, -1).amax(-1)  # every token is the pad token
+        ends.append(torch.where(candidates >= 0, candidates, fallback))
+    return torch.stack(ends, -1)
+
+
+def pair_rewards(
+    model: nn.Module, batch: dict[str, torch.Tensor], pad_token_id: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rewards [B] of the chosen and rejected conversation of each row."""
+    with captured_scores(score_head(model)) as captured:
+        model(**model_inputs(batch))
+    scores = captured["scores"].squeeze(-1)  # [B, T]
+    ends = document_ends(batch, pad_token_id)
+    picked = scores.gather(1, ends)
+    return picked[:, 0], picked[:, 1]
+
+
+class RewardTrainer(Trainer):
+    """``train_reward``: Bradley–Terry on pairs; the loss divides by the window's pairs."""
+
+    def loss_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"num_pairs": (batch["attention_mask"].sum(-1) > 0).sum()}
+
+    def compute_loss(self, model, batch, counts):
+        chosen, rejected = pair_rewards(model, batch, self.tokenizer.pad_token_id)
+        per_pair, metrics = self.loss(chosen, rejected, batch)
+        real = (batch["attention_mask"].sum(-1) > 0).to(per_pair.dtype)
+        loss = (per_pair * real).sum() / counts["num_pairs"].clamp(min=1)
+        sums = {key: (value.float() * real).sum() for key, value in metrics.items()}
+        return loss, sums
+
+    def summarize(self, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+        return self.loss.summarize(sums, counts)
