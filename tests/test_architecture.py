@@ -56,6 +56,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "config_reference",
         "train_sft",
         "train_preference",
+        "train_reward",
     ),
 )
 
@@ -255,6 +256,7 @@ def test_entrypoints_are_found_and_aliases_only_call_their_main() -> None:
     assert {
         "post_training.train_sft",
         "post_training.train_preference",
+        "post_training.train_reward",
         "post_training.evaluate",
         "post_training.merge",
         "post_training.data_sft.build_mixture",

@@ -32,8 +32,9 @@ def compose_cfg(overrides: list[str], name: str = "train-sft"):
     "group,choice", [(g, c) for g in GROUPS for c in choices(g)], ids=lambda x: str(x)
 )
 def test_every_group_choice_composes_and_resolves(group: str, choice: str, tmp_path: Path) -> None:
-    preference = group == "trainer" and choice in ("dpo", "qrpo", "cpo", "kto")
-    name = "train-preference" if preference else "train-sft"
+    entrypoints = {"dpo": "train-preference", "qrpo": "train-preference",
+                   "cpo": "train-preference", "kto": "train-preference", "reward": "train-reward"}  # fmt: skip
+    name = entrypoints.get(choice, "train-sft") if group == "trainer" else "train-sft"
     cfg = compose_cfg([f"{group}={choice}", f"artifacts_dir={tmp_path}"], name)
     resolved = to_container(cfg)
     assert resolved["entrypoint"] == name.replace("-", "_")

@@ -70,6 +70,12 @@ COMMANDS: dict[str, Check] = {
     "model.model_name_or_path=<sft>/final-model model.init_from_config=false": Check(
         "covered", "test_e2e_kto.py::dataset.unpair=true"
     ),
+    ".venv/bin/python -m post_training.train_reward model.model_name_or_path=<sft>/final-model "
+    "model.init_from_config=false": Check("covered", "test_e2e_reward.py::model.init_from_config"),
+    ".venv/bin/python -m post_training.data_alignment.compute_rewards reward.function=null "
+    "reward.model.model_name_or_path=<reward run>/final-model": Check(
+        "covered", "test_e2e_reward.py::reward.model.model_name_or_path="
+    ),
     "bash reproducibility-scripts/alignment/tiny-end-to-end/run.sh": Check(
         "covered", "test_e2e_alignment.py::tiny-end-to-end/run.sh"
     ),

@@ -9,7 +9,9 @@
 #
 # Environment: POST_TRAINING_ARTIFACTS_DIR (default <repo>/artifacts), PYTHON (default: the
 # repo's .venv/bin/python when it exists, else the python on PATH),
-# NUM_PROMPTS (4000), SFT_STEPS (300), PARTITIONS (2), SFT_MODEL (skip SFT: use this checkpoint).
+# NUM_PROMPTS (4000), SFT_STEPS (300), PARTITIONS (2), SFT_MODEL (skip SFT: use this checkpoint),
+# REWARD_MODEL (score completions with this reward model, e.g. a train_reward final-model/,
+# instead of the rule-based tiny_task_partial).
 # Re-running resumes: finished partitions are skipped. Prints one JSON line of results last.
 set -euo pipefail
 
@@ -41,8 +43,12 @@ for ((i = 0; i < PARTITIONS; i++)); do  # on SLURM: one array task each
     "partition.index=$i" "partition.count=${PARTITIONS}"
 done
 "$PYTHON" -m post_training.data_alignment.compute_ref_logprobs "${STAGE[@]}" "${REFERENCE[@]}"
+REWARD=(reward.function=tiny_task_partial)
+if [[ -n "${REWARD_MODEL:-}" ]]; then
+  REWARD=(reward.function=null "reward.model.model_name_or_path=${REWARD_MODEL}")
+fi
 "$PYTHON" -m post_training.data_alignment.compute_rewards "${STAGE[@]}" "${REFERENCE[@]}" \
-  reward.function=tiny_task_partial
+  "${REWARD[@]}"
 "$PYTHON" -m post_training.data_alignment.prepare_train_dataset "${STAGE[@]}" "${REFERENCE[@]}" \
   'prepare.pairs=[answer_worst]' prepare.require_ref_logps=true
 "$PYTHON" -m post_training.data_alignment.merge_partitions "${STAGE[@]}" "${REFERENCE[@]}" \
