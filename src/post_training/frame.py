@@ -235,6 +235,21 @@ def load_policy(frame: Frame, reward_head: bool = False) -> Any:
     return apply_peft(model, model_args, task_type="SEQ_CLS" if reward_head else "CAUSAL_LM")
 
 
+def load_pairs(
+    frame: Frame, what: str = "Preference pairs"
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The tokenized train / eval rows of the preference ``dataset`` (the main process first:
+    it writes the cache), logged as ``<what>: N train, M eval; <filter reports>``."""
+    from post_training.data_preference.encode import describe_reports, load_preference_data
+
+    with frame.accelerator.main_process_first():
+        train, eval_rows, reports = load_preference_data(frame.config, frame.tokenizer)
+    log.info(
+        "%s: %d train, %d eval; %s", what, len(train), len(eval_rows), describe_reports(reports)
+    )
+    return train, eval_rows
+
+
 def finish(
     frame: Frame,
     trainer_class: type,

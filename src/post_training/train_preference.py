@@ -14,7 +14,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from post_training.frame import begin, entrypoint, finish, load_policy
+from post_training.frame import begin, entrypoint, finish, load_pairs, load_policy
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> int:
     """Train and evaluate; returns the process exit code."""
     frame = begin(cfg)  # before torch is imported: a duplicate launch exits at once (exit 73)
-    from post_training.data_preference.encode import describe_reports, load_preference_data
     from post_training.data_preference.unpaired import label_balance
     from post_training.losses.table import PREFERENCE_LOSSES, build_loss, check_columns
     from post_training.modeling.loading import is_peft_model
@@ -30,17 +29,13 @@ def run(cfg: DictConfig) -> int:
     from post_training.trainers.reference import Reference
 
     loss = build_loss(frame.args.trainer, PREFERENCE_LOSSES)
-    with frame.accelerator.main_process_first():
-        train, eval_pairs, reports = load_preference_data(frame.config, frame.tokenizer)
-    log.info(
-        "%s: %d train, %d eval; %s",
-        "KTO examples (each with its KL completion)" if loss.name == "kto" else "Preference pairs",
-        *map(len, (train, eval_pairs)),
-        describe_reports(reports),
+    kto = loss.name == "kto"
+    train, eval_pairs = load_pairs(
+        frame, "KTO examples (each with its KL completion)" if kto else "Preference pairs"
     )
     check_columns(loss, train, "dataset.train")
     check_columns(loss, eval_pairs, "dataset.eval")
-    if loss.name == "kto":
+    if kto:
         line, balanced = label_balance(train, loss.desirable_weight, loss.undesirable_weight)
         (log.info if balanced else log.warning)(line)
     model = load_policy(frame)

@@ -11,30 +11,19 @@ one-label head; + PEFT) -> trainer (Bradley–Terry, ``accuracy`` / ``margin`` o
 
 from __future__ import annotations
 
-import logging
-
 from omegaconf import DictConfig
 
-from post_training.frame import begin, entrypoint, finish, load_policy
-
-log = logging.getLogger(__name__)
+from post_training.frame import begin, entrypoint, finish, load_pairs, load_policy
 
 
 def run(cfg: DictConfig) -> int:
     """Train the reward model; returns the process exit code."""
     frame = begin(cfg)  # before torch is imported: a duplicate launch exits at once (exit 73)
-    from post_training.data_preference.encode import describe_reports, load_preference_data
     from post_training.losses.table import REWARD_LOSSES, build_loss
     from post_training.trainers.reward import RewardTrainer
 
     loss = build_loss(frame.args.trainer, REWARD_LOSSES)
-    with frame.accelerator.main_process_first():
-        train, eval_pairs, reports = load_preference_data(frame.config, frame.tokenizer)
-    log.info(
-        "Preference pairs: %d train, %d eval; %s",
-        *map(len, (train, eval_pairs)),
-        describe_reports(reports),
-    )
+    train, eval_pairs = load_pairs(frame)
     model = load_policy(frame, reward_head=True)
     return finish(
         frame, RewardTrainer, model, train, eval_pairs, loss=loss, evaluation_dataset=None
