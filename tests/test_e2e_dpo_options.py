@@ -46,9 +46,9 @@ def test_tr_dpo_syncs_the_reference_and_resumes_identical(tmp_path: Path) -> Non
     sync = ("trainer.sync_ref_model=true", "trainer.ref_model_sync_steps=3",
             "trainer.ref_model_mixup_alpha=0.5", "training_args.save_total_limit=null")  # fmt: skip
     run_entrypoint("train_preference", [*COMMON, *sync, "job_subdir=straight"], tmp_path)
-    checkpoints = job_dir(tmp_path, "straight", "train_preference") / "checkpoints"
-    (step2,) = checkpoints.glob("*/checkpoint-2")
-    (step4,) = checkpoints.glob("*/checkpoint-4")
+    straight = job_dir(tmp_path, "straight", "train_preference")
+    (step2,) = straight.rglob("checkpoint-2")
+    (step4,) = straight.rglob("checkpoint-4")
     before, after = _reference_state(step2), _reference_state(step4)
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before), "synced at step 3"
