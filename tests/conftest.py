@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +188,19 @@ def save_initial_model(directory: Path, overrides: Sequence[str] = ()) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture
+def fresh_accelerate_state() -> Iterator[None]:
+    """For a test that builds a TRL / transformers trainer in this process: that sets
+    accelerate's process-wide state (its own mixed precision and device choices), which a later
+    in-process ``Accelerator`` of ours would then refuse to change (``AcceleratorState has
+    already been initialized``). Cleared before and after the test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture

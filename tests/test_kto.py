@@ -127,6 +127,7 @@ def _ours(policy, reference, rows, loss: KTOLoss, tokenizer, chunk_size=0):
 
 
 @pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+@pytest.mark.usefixtures("fresh_accelerate_state")
 def test_kto_matches_trl_kto_trainer_loss_metrics_and_gradients(
     models, loss_type: str, tmp_path: Path
 ) -> None:

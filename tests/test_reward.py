@@ -76,6 +76,7 @@ def _model(seed: int = 0) -> AutoModelForSequenceClassification:
 
 
 @pytest.mark.parametrize("center", [None, 0.01])
+@pytest.mark.usefixtures("fresh_accelerate_state")
 def test_reward_matches_trl_reward_trainer(center: float | None, tmp_path: Path) -> None:
     """One step of TRL's RewardTrainer (its own tokenization, padded [chosen; rejected] batch,
     HF pooling) and ours (one packed row per pair, the head's output at each conversation's

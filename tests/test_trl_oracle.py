@@ -37,6 +37,7 @@ def setup():
 
 
 @pytest.mark.parametrize("plw", [0.0, 1.0])
+@pytest.mark.usefixtures("fresh_accelerate_state")
 def test_plw_matches_trl_sft_trainer(setup, plw: float, tmp_path: Path) -> None:
     tokenizer, model, rows = setup
     config = SFTConfig(
@@ -70,6 +71,7 @@ def test_plw_matches_trl_sft_trainer(setup, plw: float, tmp_path: Path) -> None:
     torch.testing.assert_close(ours, trl_loss.float(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("fresh_accelerate_state")
 def test_dpo_matches_trl_dpo_trainer(setup, tmp_path: Path) -> None:
     """Our DPO (one padding-free forward per pair, chunked head, frozen reference) gives TRL
     DPOTrainer's loss and metrics on the same policy / reference pair and batch."""
