@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,29 +175,52 @@ def load_preference_pairs(spec: Mapping[str, Any], where: str) -> PreferenceSour
     source_spec = {k: v for k, v in spec.items() if k not in SPEC_KEYS}
     loaded = load(source_spec, where)
     locate = row_locator(source_spec, loaded.locate, where)
-    limit = spec.get("max_examples")
     count = spec.get("ref_rewards_count")
-    rows: list[dict[str, Any]] = []
-    row_of: list[int] = []  # pair index -> row index
+
+    def validate(row: Mapping[str, Any]) -> dict[str, Any]:
+        nonlocal count
+        pair = validate_pair(transform_pair(transform, name, row, args), count)
+        if count is None and "ref_rewards" in pair:
+            count = len(pair["ref_rewards"])
+        return pair
+
+    return PreferenceSource(
+        *collect_rows(loaded.dataset, validate, locate, spec, where, "preference pairs")
+    )
+
+
+def collect_rows(
+    rows: Iterable[Mapping[str, Any]],
+    validate: Callable[[Mapping[str, Any]], dict[str, Any]],
+    locate: Locate,
+    spec: Mapping[str, Any],
+    where: str,
+    noun: str,
+) -> tuple[list[dict[str, Any]], Locate, dict[str, int]]:
+    """The first ``spec["max_examples"]`` rows through ``validate``: the kept items, where each
+    came from, and the rows dropped per reason (an :class:`EmptyCompletion` drops a row and
+    counts it as ``empty_<field>``); any other DataError stops with
+    ``<where>: <file:line>: <error>``, and so does keeping none (``no <noun>``)."""
+    limit = spec.get("max_examples")
+    kept: list[dict[str, Any]] = []
+    row_of: list[int] = []  # item index -> row index
     dropped: Counter[str] = Counter()
-    for index, row in enumerate(loaded.dataset):
+    for index, row in enumerate(rows):
         if limit is not None and index >= limit:
             break
         try:
-            pair = validate_pair(transform_pair(transform, name, row, args), count)
+            item = validate(row)
         except EmptyCompletion as err:
             dropped[f"empty_{err.field}"] += 1
             continue
         except DataError as err:
             raise DataError(f"{where}: {locate(index)}: {err}") from None
-        if count is None and "ref_rewards" in pair:
-            count = len(pair["ref_rewards"])
-        rows.append(pair)
+        kept.append(item)
         row_of.append(index)
-    if not rows:
+    if not kept:
         reasons = f" (dropped: {dict(dropped)})" if dropped else ""
-        raise DataError(f"{where} ({spec['path']}): no preference pairs{reasons}")
-    return PreferenceSource(rows, lambda i: locate(row_of[i]), dict(dropped))
+        raise DataError(f"{where} ({spec['path']}): no {noun}{reasons}")
+    return kept, lambda i: locate(row_of[i]), dict(dropped)
 
 
 def load_preference_rows(spec: Mapping[str, Any], where: str) -> list[dict[str, Any]]:

@@ -19,7 +19,6 @@ pair-shaped (``chosen`` = the example's completion, ``rejected`` = the KL comple
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,9 @@ from typing import Any
 from post_training.data_preference.pairs import (
     PROMPT_ROLES,
     SPEC_KEYS,
+    EmptyCompletion,
     Locate,
+    collect_rows,
     load_preference_pairs,
     row_locator,
 )
@@ -47,10 +48,6 @@ class UnpairedSource:
     examples: list[dict[str, Any]]
     locate: Locate
     dropped: dict[str, int]
-
-
-class _Empty(DataError):
-    pass
 
 
 def validate_unpaired(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -77,7 +74,7 @@ def validate_unpaired(row: Mapping[str, Any]) -> dict[str, Any]:
         shown = "missing" if label is None else f"{label!r} ({type(label).__name__})"
         raise DataError(f"field 'label' must be true or false, got {shown}")
     if not "".join(m["content"] for m in completion).strip():
-        raise _Empty("field 'completion' is an empty completion")
+        raise EmptyCompletion("completion")
     return {"prompt": prompt, "completion": completion, "label": label}
 
 
@@ -99,33 +96,21 @@ def load_unpaired_examples(spec: Mapping[str, Any], where: str, unpair: bool) ->
         return UnpairedSource(examples, lambda i: source.locate(i // 2), source.dropped)
     source_spec = {k: v for k, v in spec.items() if k not in SPEC_KEYS}
     loaded = load(source_spec, where)
-    locate = row_locator(source_spec, loaded.locate, where)
-    limit = spec.get("max_examples")
-    examples: list[dict[str, Any]] = []
-    row_of: list[int] = []
-    dropped: Counter[str] = Counter()
-    for index, row in enumerate(loaded.dataset):
-        if limit is not None and index >= limit:
-            break
+
+    def validate(row: Mapping[str, Any]) -> dict[str, Any]:
         if spec.get("transform") or not _is_unpaired(row):
             has = ", ".join(sorted(row)) or "none"
             raise DataError(
-                f"{where}: {locate(index)}: KTO needs unpaired rows with fields "
-                f"{', '.join(UNPAIRED_FIELDS)} (this row has: {has}); for preference pairs "
-                "(or a pair transform) set dataset.unpair=true"
+                f"KTO needs unpaired rows with fields {', '.join(UNPAIRED_FIELDS)} (this row "
+                f"has: {has}); for preference pairs (or a pair transform) set "
+                "dataset.unpair=true"
             )
-        try:
-            examples.append(validate_unpaired(row))
-        except _Empty:
-            dropped["empty_completion"] += 1
-            continue
-        except DataError as err:
-            raise DataError(f"{where}: {locate(index)}: {err}") from None
-        row_of.append(index)
-    if not examples:
-        reasons = f" (dropped: {dict(dropped)})" if dropped else ""
-        raise DataError(f"{where} ({spec['path']}): no unpaired examples{reasons}")
-    return UnpairedSource(examples, lambda i: locate(row_of[i]), dict(dropped))
+        return validate_unpaired(row)
+
+    locate = row_locator(source_spec, loaded.locate, where)
+    return UnpairedSource(
+        *collect_rows(loaded.dataset, validate, locate, spec, where, "unpaired examples")
+    )
 
 
 def kl_partners(examples: list[Mapping[str, Any]], where: str) -> list[int]:
