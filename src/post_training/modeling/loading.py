@@ -282,20 +282,19 @@ def load_model(
     weights = not model_cfg["init_from_config"]
     check_model_path(path, key, needs=ModelNeeds(config=True, weights=weights))
     auto = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
-    if reward_head:
-        common["num_labels"] = 1
     if model_cfg["init_from_config"]:
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"])
         if reward_head:
             config.num_labels = 1
-            del common["num_labels"]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(model_cfg["init_seed"]))
             model = auto.from_config(config, **common)
-    else:
-        with torch.random.fork_rng(devices=[]):  # a reward head new to the checkpoint: seeded
+    elif reward_head:  # the head is new to the checkpoint: seeded like a fresh model
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(model_cfg["init_seed"]))
-            model = auto.from_pretrained(path, use_safetensors=True, **common)
+            model = auto.from_pretrained(path, use_safetensors=True, num_labels=1, **common)
+    else:
+        model = auto.from_pretrained(path, use_safetensors=True, **common)
     generation = getattr(model, "generation_config", None)  # a reward model has none
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(tokenizer, name)

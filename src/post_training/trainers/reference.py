@@ -134,7 +134,7 @@ class Reference:
         reference: with LD-DPO's ``ld_alpha`` or TR-DPO's ``sync_ref_model`` they are not used
         (the reference is scored instead). TR-DPO needs a live frozen reference model (the
         config schema refuses the other cases; an assertion here)."""
-        ld_alpha = getattr(loss, "ld_alpha", None)
+        ld_alpha = loss.ld_alpha
         has_columns = bool(rows) and all(k in row for row in rows for k in REF_KEYS)
         if not loss.needs_reference:
             mode = "none"
