@@ -58,6 +58,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "train_preference",
         "train_reward",
     ),
+    ("submit",),  # one run to SLURM: the CLI over launch/submit
 )
 
 # Old entrypoint paths kept working: alias module -> the entrypoint whose ``main`` it calls.

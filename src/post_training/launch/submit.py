@@ -11,6 +11,10 @@ Every value goes through two quoting layers: Hydra's override grammar (:func:`hy
 quotes, backslashes and ``${`` escaped so the run's resolved config holds the value verbatim)
 and the shell (:func:`shlex.quote`), so paths with spaces, quotes, ``$`` or ``;`` arrive
 literally.
+
+``python -m post_training.submit`` (:mod:`post_training.submit`) builds one run with the same
+functions (:func:`sft_run`, :func:`alignment_run`, :func:`sbatch_line`, :func:`write_submit`)
+from a command line, without a template.
 """
 
 from __future__ import annotations
@@ -141,6 +145,13 @@ def _bare_is_itself(text: str) -> bool:
     return isinstance(value, str) and value == text
 
 
+class HydraText(str):
+    """A value already written in Hydra's override grammar, as typed after ``key=`` on a command
+    line (``1e-3``, ``[a,b]``, ``'a b'``, ``${oc.env:X}``): :func:`hydra_value` writes it as it
+    is, so the job's Hydra reads it as it would have read the command line. How
+    ``python -m post_training.submit`` passes its overrides on."""
+
+
 def hydra_value(value: Any) -> str:
     """A Python value as the right-hand side of a Hydra override.
 
@@ -148,8 +159,11 @@ def hydra_value(value: Any) -> str:
     lists -> ``[a,b]``, dicts -> ``{k:v}``. A string always arrives as exactly that string: bare
     when Hydra reads it back unchanged (``model=tiny``, ``/data/x.jsonl``), otherwise
     single-quoted and escaped (spaces, quotes, ``$``, ``${...}``, ``;``, ``,``, ``=``,
-    backslashes, and strings such as ``"null"``, ``"true"`` or ``"1e-3"``).
+    backslashes, and strings such as ``"null"``, ``"true"`` or ``"1e-3"``). A :class:`HydraText`
+    is written unchanged.
     """
+    if isinstance(value, HydraText):
+        return str(value)
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -191,8 +205,9 @@ def hydra_override(key: str, value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------ site setup
-def devices_per_node(setup_sh: Path | None = None) -> int:
-    """``DEVICES_PER_NODE`` as ``setup.sh`` sets it (the environment's value wins there too)."""
+def setup_variables(*names: str, setup_sh: Path | None = None) -> dict[str, str]:
+    """The values ``setup.sh`` gives these variables, as the jobs will see them (a value already
+    in the environment wins there too); ``""`` for an unset one."""
     setup = setup_sh or SUBMIT_SCRIPTS_DIR / "setup.sh"
     if not setup.is_file():
         raise SubmitError(f"no site settings at {setup}")
@@ -200,20 +215,27 @@ def devices_per_node(setup_sh: Path | None = None) -> int:
         [
             "bash",
             "-c",
-            'source "$1" >/dev/null && printf %s "${DEVICES_PER_NODE:-}"',
+            'source "$1" >/dev/null || exit; shift; for v; do printf "%s\\0" "${!v:-}"; done',
             "_",
             str(setup),
+            *names,
         ],
         capture_output=True,
         text=True,
         check=False,
     )
-    text = proc.stdout.strip()
-    if proc.returncode != 0 or not text.isdigit() or int(text) < 1:
-        raise SubmitError(
-            f"{setup}: DEVICES_PER_NODE must be a positive integer, got {text!r} "
-            f"(exit {proc.returncode}: {proc.stderr.strip()[-300:]})"
-        )
+    values = proc.stdout.split("\0")[:-1]
+    if proc.returncode != 0 or len(values) != len(names):
+        raise SubmitError(f"{setup} failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
+    return dict(zip(names, values, strict=True))
+
+
+def devices_per_node(setup_sh: Path | None = None) -> int:
+    """``DEVICES_PER_NODE`` as ``setup.sh`` sets it (the environment's value wins there too)."""
+    setup = setup_sh or SUBMIT_SCRIPTS_DIR / "setup.sh"
+    text = setup_variables("DEVICES_PER_NODE", setup_sh=setup)["DEVICES_PER_NODE"].strip()
+    if not text.isdigit() or int(text) < 1:
+        raise SubmitError(f"{setup}: DEVICES_PER_NODE must be a positive integer, got {text!r}")
     return int(text)
 
 
@@ -281,7 +303,7 @@ def sbatch_line(
 def submit_script(
     lines: Sequence[str],
     runs: Sequence[Run],
-    generator: Path,
+    generator: Path | str,
     env: Mapping[str, str] | None = None,
     now: datetime | None = None,
 ) -> str:
@@ -318,7 +340,7 @@ def write_submit(
     prefix: str,
     runs: Sequence[Run],
     time: str,
-    generator: Path,
+    generator: Path | str,
     env: Mapping[str, str] | None = None,
     sbatch_options: Sequence[str] = (),
     now: datetime | None = None,
@@ -387,9 +409,20 @@ def _check_keys(where: str, keys: Iterable[str]) -> None:
         )
 
 
-def _check_time(time: str) -> None:
-    if not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", str(time)):
-        raise SubmitError(f"wall time {time!r}: use minutes, HH:MM:SS or D-HH:MM:SS")
+# sbatch --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+# days-hours:minutes or days-hours:minutes:seconds.
+_WALL_TIME = re.compile(r"\d+(:[0-5]?\d){0,2}|\d+-([01]?\d|2[0-3])(:[0-5]?\d){0,2}")
+
+
+def check_time(time: str, key: str = "TIME") -> None:
+    """A wall time as sbatch ``--time`` takes it, not zero (a chain needs a time limit)."""
+    text = str(time)
+    if not _WALL_TIME.fullmatch(text) or not re.search(r"[1-9]", text):
+        raise SubmitError(
+            f"{key}={text!r}: a wall time is minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
+            "D-HH:MM:SS (sbatch --time; minutes and seconds below 60, hours of a day below 24, "
+            "not zero)"
+        )
 
 
 def sft_runs(
@@ -418,25 +451,54 @@ def sft_runs(
         for dataset in datasets:
             for values in sweep(hyperparameters):
                 name = job_id(model.name, dataset, values, short_names)
-                settings: dict[str, Any] = {
-                    "model": model.name,
-                    "dataset": dataset,
-                    "accelerate": model.accelerate,
-                    "training_args.per_device_train_batch_size": model.per_device_batch_size,
-                    "training_args.gradient_accumulation_steps": accumulation,
-                    **model.overrides,
-                    **values,
-                    **(overrides or {}),
-                    # Identity and resumability of the run: not overridable by the sweep.
-                    "artifacts_subdir": artifacts_subdir,
-                    "job_subdir": f"{prefix}/{name}",
-                    "wandb.run_name": name,
-                    "wandb.tags": [prefix, model.name, dataset],
-                    "resuming.resume": True,
-                }
-                args = [hydra_override(key, value) for key, value in settings.items()]
-                runs.append(Run(name, model.nodes, launch_args(model.accelerate, module, args)))
+                runs.append(
+                    sft_run(
+                        name=name,
+                        prefix=prefix,
+                        model=model,
+                        dataset=dataset,
+                        values=values,
+                        accumulation=accumulation,
+                        artifacts_subdir=artifacts_subdir,
+                        overrides=overrides,
+                        module=module,
+                    )
+                )
     return runs
+
+
+def sft_run(
+    *,
+    name: str,
+    prefix: str,
+    model: Model,
+    dataset: str,
+    values: Mapping[str, Any],
+    accumulation: int,
+    artifacts_subdir: str,
+    overrides: Mapping[str, Any] | None = None,
+    module: str = "post_training.train_sft",
+) -> Run:
+    """One run of :func:`sft_runs`: its overrides in a fixed order (layout, the model's, the swept
+    values, the common ones, then the run's identity and resumability, which nothing overrides)."""
+    settings: dict[str, Any] = {
+        "model": model.name,
+        "dataset": dataset,
+        "accelerate": model.accelerate,
+        "training_args.per_device_train_batch_size": model.per_device_batch_size,
+        "training_args.gradient_accumulation_steps": accumulation,
+        **model.overrides,
+        **values,
+        **(overrides or {}),
+        # Identity and resumability of the run: not overridable by the sweep.
+        "artifacts_subdir": artifacts_subdir,
+        "job_subdir": f"{prefix}/{name}",
+        "wandb.run_name": name,
+        "wandb.tags": [prefix, model.name, dataset],
+        "resuming.resume": True,
+    }
+    args = [hydra_override(key, value) for key, value in settings.items()]
+    return Run(name, model.nodes, launch_args(model.accelerate, module, args))
 
 
 def _cli(description: str, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -538,7 +600,7 @@ def generate_sft(
 ) -> Path | None:
     """The ``main`` of an SFT template: write its submit.sh (or print it with ``--dry-run``)."""
     args = _cli(f"Generate submit.sh for the SFT sweep in {template_file}.", argv)
-    _check_time(time)
+    check_time(time)
     runs = sft_runs(
         prefix=prefix,
         models=models,
@@ -580,54 +642,80 @@ def alignment_runs(
         raise SubmitError(f"partitions must be a positive integer, got {partitions!r}")
     _check_keys("HYPERPARAMETERS", hyperparameters)
     _check_keys("OVERRIDES", overrides or {})
-    split = partitions > 1 and stage != "merge_partitions"
-    module = f"post_training.data_alignment.{stage}"
-    prefix = safe_name(prefix)
     runs = []
     for model in models:
         for dataset in datasets:
             for values in sweep(hyperparameters):
                 name = safe_name(f"{stage}_{job_id(model.name, dataset, values, short_names)}")
-                settings: dict[str, Any] = {
-                    "model": model.name,
-                    "dataset": dataset,
-                    "accelerate": model.accelerate,
-                    **model.overrides,
-                    **values,
-                    **(overrides or {}),
-                    "artifacts_subdir": artifacts_subdir,
-                    "wandb.tags": [prefix, stage, model.name, dataset],
-                    "resuming.resume": True,
-                    "partition.count": partitions,
-                }
-                args = [hydra_override(key, value) for key, value in settings.items()]
-                if split:
-                    # The task id is known only in the job: Hydra reads it from the environment
-                    # (the shells pass the text on unexpanded). Each partition is its own
-                    # resumable job (job_subdir), so a requeued task resumes its partition.
-                    # (Quoted: Hydra parses nested interpolations only in quoted values.)
-                    task = "${oc.env:SLURM_ARRAY_TASK_ID}"
-                    args += [
-                        f"partition.index='${{oc.decode:{task}}}'",
-                        f"job_subdir='{prefix}/{name}/partition-{task}'",
-                        f"wandb.run_name='{name}-partition-{task}'",
-                    ]
-                else:
-                    if stage != "merge_partitions":
-                        args.append("partition.index=0")
-                    args += [
-                        f"job_subdir={prefix}/{name}",
-                        f"wandb.run_name={name}",
-                    ]
                 runs.append(
-                    Run(
-                        name,
-                        model.nodes,
-                        launch_args(model.accelerate, module, args),
-                        array_size=partitions if split else 1,
+                    alignment_run(
+                        stage=stage,
+                        name=name,
+                        prefix=prefix,
+                        model=model,
+                        dataset=dataset,
+                        values=values,
+                        partitions=partitions,
+                        artifacts_subdir=artifacts_subdir,
+                        overrides=overrides,
                     )
                 )
     return runs
+
+
+def alignment_run(
+    *,
+    stage: str,
+    name: str,
+    prefix: str,
+    model: Model,
+    dataset: str,
+    values: Mapping[str, Any],
+    partitions: int,
+    artifacts_subdir: str,
+    overrides: Mapping[str, Any] | None = None,
+) -> Run:
+    """One job (or job array) of :func:`alignment_runs`."""
+    split = partitions > 1 and stage != "merge_partitions"
+    module = f"post_training.data_alignment.{stage}"
+    prefix = safe_name(prefix)
+    settings: dict[str, Any] = {
+        "model": model.name,
+        "dataset": dataset,
+        "accelerate": model.accelerate,
+        **model.overrides,
+        **values,
+        **(overrides or {}),
+        "artifacts_subdir": artifacts_subdir,
+        "wandb.tags": [prefix, stage, model.name, dataset],
+        "resuming.resume": True,
+        "partition.count": partitions,
+    }
+    args = [hydra_override(key, value) for key, value in settings.items()]
+    if split:
+        # The task id is known only in the job: Hydra reads it from the environment (the shells
+        # pass the text on unexpanded). Each partition is its own resumable job (job_subdir), so
+        # a requeued task resumes its partition.
+        # (Quoted: Hydra parses nested interpolations only in quoted values.)
+        task = "${oc.env:SLURM_ARRAY_TASK_ID}"
+        args += [
+            f"partition.index='${{oc.decode:{task}}}'",
+            f"job_subdir='{prefix}/{name}/partition-{task}'",
+            f"wandb.run_name='{name}-partition-{task}'",
+        ]
+    else:
+        if stage != "merge_partitions":
+            args.append("partition.index=0")
+        args += [
+            f"job_subdir={prefix}/{name}",
+            f"wandb.run_name={name}",
+        ]
+    return Run(
+        name,
+        model.nodes,
+        launch_args(model.accelerate, module, args),
+        array_size=partitions if split else 1,
+    )
 
 
 def generate_alignment(
@@ -649,7 +737,7 @@ def generate_alignment(
 ) -> Path | None:
     """The ``main`` of an alignment-stage template (SLURM arrays over data partitions)."""
     args = _cli(f"Generate submit.sh for the {stage} stage in {template_file}.", argv)
-    _check_time(time)
+    check_time(time)
     runs = alignment_runs(
         stage=stage,
         prefix=prefix,
