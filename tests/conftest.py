@@ -43,6 +43,7 @@ SLOW_FILES = (
     "test_presets.py",
     "test_benchmark_run.py",
     "test_model_merging.py",
+    "test_slurm_submit.py",
 )
 
 

@@ -1,10 +1,18 @@
-"""A real single-node SLURM cluster for the tests, started from Debian's slurm-wlm and munge.
+"""A real SLURM cluster for the tests on this machine, started from Debian's slurm-wlm and munge.
 
 Everything lives in a fresh temporary directory: slurm.conf, the controller's state, slurmd's
 spool, logs, and a private munge socket; slurmctld and slurmd listen on free ports. Nothing
 touches a system cluster, and commands reach this one through ``SLURM_CONF`` (jobs inherit it,
 so sbatch inside a job submits here too). As root, munged runs as user ``munge`` with the key in
 ``/etc/munge`` (created when missing); slurmd runs jobs as the invoking user.
+
+``slurm_cluster(nodes=N)`` with N > 1 emulates N nodes on this host: one slurmd per node
+(``slurmd -N <name>``), each on its own port (``NodeName=... Port=``) with its own spool, pid and
+log file (``%n`` in their paths), all with ``NodeAddr=127.0.0.1``. Debian's slurmd 22.05 accepts
+that (checked: two daemons register, ``srun -N 2`` runs one task on each). The first node is
+named after this host, so that the address a job derives from its node list (the wrappers'
+``MAIN_PROCESS_IP``: the first host name) resolves here; the others are ``<host>-<i>``.
+(A node named ``localhost`` is refused by slurmd: "Duplicated NodeHostName".)
 
 The fixture skips when slurmctld, slurmd or munged are not installed
 (``apt-get install slurm-wlm munge``); any other failure to start is an error, with the logs.
@@ -46,7 +54,11 @@ def _free_port() -> int:
 class SlurmCluster:
     root: Path
     conf: Path
-    node: str
+    nodes: list[str]
+
+    @property
+    def node(self) -> str:
+        return self.nodes[0]
 
     @property
     def env(self) -> dict[str, str]:
@@ -100,12 +112,20 @@ class SlurmCluster:
         return "\n".join(parts)
 
 
-def _write_conf(root: Path, node: str, user: str, cpus: int) -> Path:
+def _write_conf(root: Path, host: str, nodes: list[str], user: str, cpus: int) -> Path:
     conf = root / "slurm.conf"
+    if len(nodes) == 1:
+        node_lines = f"NodeName={nodes[0]} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN"
+    else:  # one slurmd per node on this host, each on its own port
+        node_lines = "\n".join(
+            f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} "
+            f"CPUs={cpus} State=UNKNOWN"
+            for node in nodes
+        )
     conf.write_text(
-        f"""# Single-node test cluster (tests/slurm_cluster.py)
+        f"""# Test cluster of {len(nodes)} node(s) on this host (tests/slurm_cluster.py)
 ClusterName=pytest
-SlurmctldHost={node}(127.0.0.1)
+SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 SlurmUser={user}
@@ -129,13 +149,13 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+SlurmdLogFile={root}/log/slurmd-%n.log
+{node_lines}
+PartitionName=debug Nodes={",".join(nodes)} Default=YES MaxTime=INFINITE State=UP
 """
     )
     return conf
@@ -175,7 +195,7 @@ def _stop(pid_file: Path, timeout: float = 10) -> None:
 
 
 @contextlib.contextmanager
-def slurm_cluster() -> Iterator[SlurmCluster]:
+def slurm_cluster(nodes: int = 1) -> Iterator[SlurmCluster]:
     paths = find_daemons()
     missing = [name for name, path in paths.items() if path is None]
     if missing:
@@ -185,7 +205,8 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         )
     if os.geteuid() != 0:
         raise RuntimeError("the SLURM test cluster starts slurmd and munged, which needs root")
-    node = socket.gethostname().split(".")[0]
+    host = socket.gethostname().split(".")[0]
+    names = [host, *(f"{host}-{i}" for i in range(1, nodes))]
     user = pwd.getpwuid(os.geteuid()).pw_name
     # Not under pytest's 0700 tmp dirs: munged (user munge) must reach its socket directory.
     root = Path(tempfile.mkdtemp(prefix="post-training-slurm-"))
@@ -196,8 +217,10 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     munge_dir.mkdir(mode=0o711)
     munge = pwd.getpwnam("munge")
     os.chown(munge_dir, munge.pw_uid, munge.pw_gid)
-    conf = _write_conf(root, node, user, cpus=max(2, os.cpu_count() or 1))
-    cluster = SlurmCluster(root, conf, node)
+    for name in names:
+        (root / "spool" / name).mkdir()
+    conf = _write_conf(root, host, names, user, cpus=max(2, os.cpu_count() or 1))
+    cluster = SlurmCluster(root, conf, names)
     env = cluster.env
 
     def start(*argv: str) -> None:
@@ -215,11 +238,12 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
             f"--key-file={_munge_key()}",
         )  # fmt: skip
         start(paths["slurmctld"], "-f", str(conf))
-        start(paths["slurmd"], "-f", str(conf), "-N", node)
+        for name in names:
+            start(paths["slurmd"], "-f", str(conf), "-N", name)
         deadline = time.monotonic() + 60
         while True:
-            state = cluster.run("sinfo", "--noheader", "--format=%T", check=False).stdout.strip()
-            if state == "idle":
+            state = cluster.run("sinfo", "-N", "--noheader", "--format=%T", check=False).stdout
+            if state.split() == ["idle"] * len(names):
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"SLURM node not idle (state {state!r})\n{cluster.logs()}")
@@ -237,7 +261,8 @@ def _teardown(cluster: SlurmCluster) -> None:
     with contextlib.suppress(Exception):
         cluster.run("scancel", f"--user={pwd.getpwuid(os.geteuid()).pw_name}", check=False)
         time.sleep(1)
-    _stop(cluster.root / "slurmd.pid")
+    for pid_file in cluster.root.glob("slurmd-*.pid"):
+        _stop(pid_file)
     _stop(cluster.root / "slurmctld.pid")
     _stop(cluster.root / "munge" / "munged.pid")
     shutil.rmtree(cluster.root, ignore_errors=True)
