@@ -196,8 +196,6 @@ def begin(cfg: DictConfig) -> Frame:
         lock_resume_target(resolved, only_if_exists=True)
     args = validate(cfg)
 
-    import torch
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from post_training.modeling.loading import (
@@ -211,14 +209,13 @@ def begin(cfg: DictConfig) -> Frame:
     from post_training.modeling.run_inputs import check_run_inputs
 
     check_run_inputs(args)  # the reference model and the Hub datasets: local, or one line
+    from post_training.utils.distributed import make_accelerator
     from post_training.utils.progress import silence_known_warnings
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     silence_known_warnings()
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # several CPU processes (gloo) under torchrun
-        gradient_accumulation_steps=args.training_args.gradient_accumulation_steps,
-        mixed_precision=args.training_args.mixed_precision,
+    accelerator = make_accelerator(  # DeepSpeed / FSDP2 on CPU ranks too (gloo)
+        args.training_args.gradient_accumulation_steps, args.training_args.mixed_precision
     )
     set_seed(args.seed)
     run = setup_run(cfg, accelerator)
@@ -232,7 +229,8 @@ def load_policy(frame: Frame, reward_head: bool = False) -> Any:
 
     model_args = frame.config["model_args"]
     model = load_model(frame.config["model"], frame.tokenizer, model_args, reward_head=reward_head)
-    return apply_peft(model, model_args, task_type="SEQ_CLS" if reward_head else "CAUSAL_LM")
+    task = "SEQ_CLS" if reward_head else "CAUSAL_LM"
+    return apply_peft(model, model_args, task_type=task, seed=frame.args.seed)
 
 
 def load_pairs(

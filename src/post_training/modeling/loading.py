@@ -10,6 +10,8 @@ fetches it, rather than the hub client's traceback.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -198,12 +200,17 @@ def quantization_config(model_cfg: dict[str, Any], model_args: dict[str, Any]):
 
 
 def apply_peft(
-    model: PreTrainedModel, model_args: dict[str, Any] | None, task_type: str = "CAUSAL_LM"
+    model: PreTrainedModel,
+    model_args: dict[str, Any] | None,
+    task_type: str = "CAUSAL_LM",
+    seed: int = 0,
 ) -> torch.nn.Module:
     """Wrap in LoRA adapters when ``model_args.use_peft`` (TRL ModelConfig keys). A model loaded
     in 4 bits (QLoRA, see :func:`load_model`) is first made trainable the PEFT way: frozen
     quantized base, layer norms and head in fp32, input gradients enabled. ``task_type``
-    ``SEQ_CLS`` (a reward model) also trains the new head in full (PEFT's module to save)."""
+    ``SEQ_CLS`` (a reward model) also trains the new head in full (PEFT's module to save).
+    The adapters' random initialisation is drawn from ``seed`` in a forked RNG: the same
+    adapters whatever ran before (one process or several ranks, any sharding)."""
     quantized = getattr(model, "is_loaded_in_4bit", False)
     if model_args and model_args.get("load_in_4bit") and not quantized:
         raise ConfigError(
@@ -227,7 +234,9 @@ def apply_peft(
         use_rslora=bool(model_args.get("use_rslora", False)),
         task_type=task_type,
     )
-    model = get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(model, config)
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
         "LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total
@@ -235,24 +244,46 @@ def apply_peft(
     return model
 
 
-def merged_from_adapter(model_cfg: dict[str, Any], adapter_dir: str) -> PreTrainedModel:
-    """The base model in full precision (``model.torch_dtype``, on CPU) with the saved LoRA
-    adapter merged in: how a QLoRA run gets a plain checkpoint (merging into 4-bit weights
-    would round the result to the 4-bit grid)."""
+def merged_from_adapter(
+    model_cfg: dict[str, Any],
+    adapter_dir: str,
+    tokenizer: PreTrainedTokenizerBase,
+    reward_head: bool = False,
+) -> PreTrainedModel:
+    """The base model whole, in full precision (``model.torch_dtype``, on CPU) with the saved
+    LoRA adapter merged in: how a QLoRA run gets a plain checkpoint (merging into 4-bit
+    weights would round the result to the 4-bit grid), and a sharded one (ZeRO-3, FSDP2: the
+    main process alone cannot merge into shards). The base is loaded as training loaded it
+    (pretrained weights, or the seeded initialisation of ``init_from_config``)."""
     from peft import PeftModel
 
-    check_model_path(model_cfg["model_name_or_path"], "model.model_name_or_path")
-    base = AutoModelForCausalLM.from_pretrained(
-        model_cfg["model_name_or_path"],
-        use_safetensors=True,
-        dtype=torch_dtype(model_cfg["torch_dtype"]),
-        trust_remote_code=model_cfg["trust_remote_code"],
-    )
+    with whole_under_zero3():  # the main process alone: no collective zero.Init
+        base = load_model(model_cfg, tokenizer, reward_head=reward_head)
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config")
+
+
+@contextmanager
+def whole_under_zero3() -> Iterator[None]:
+    """Build a model whole on every rank even under DeepSpeed ZeRO-3, whose ``zero.Init``
+    would draw the random initialisation shard by shard (another model than one process
+    draws from the same seed); ``deepspeed.initialize`` partitions it afterwards. Used for
+    models initialised from a config (small by nature: the tiny and debugging models), and
+    for what the main process loads alone (:func:`merged_from_adapter`)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    if not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    holder = hf_deepspeed._hf_deepspeed_config_weak_ref()  # the HfDeepSpeedConfig in use
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(holder)
 
 
 def load_model(
@@ -286,7 +317,7 @@ def load_model(
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"])
         if reward_head:
             config.num_labels = 1
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), whole_under_zero3():
             torch.manual_seed(int(model_cfg["init_seed"]))
             model = auto.from_config(config, **common)
     elif reward_head:  # the head is new to the checkpoint: seeded like a fresh model

@@ -32,6 +32,7 @@ from post_training.modeling.loading import is_peft_model, merged_from_adapter
 from post_training.utils import checkpointing as ckpt
 from post_training.utils import run_status
 from post_training.utils.atomic import atomic_dir
+from post_training.utils.distributed import sharding
 from post_training.utils.failpoints import failpoint
 from post_training.utils.flops import ModelFlops, device_peak_flops
 from post_training.utils.progress import TrainProgress, silence_known_warnings
@@ -51,6 +52,19 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def without_tied_copies(model: torch.nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` without the second name of a tied parameter (``lm_head.weight`` of a
+    model with tied embeddings). A state dict gathered from shards (FSDP2, DeepSpeed) holds
+    both names as separate tensors, which ``save_pretrained`` would write twice."""
+    seen: set[int] = set()
+    copies = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            copies.add(name)
+        seen.add(id(param))
+    return {k: v for k, v in state_dict.items() if k not in copies}
 
 
 @dataclass
@@ -644,12 +658,19 @@ class Trainer(ABC):
 
     def save_merged_model(self, directory: Path) -> None:
         """LoRA merged into the base weights: a plain checkpoint (end of training only, since
-        merging rewrites the model in place)."""
+        merging rewrites the model in place). A quantized (QLoRA) or sharded (ZeRO-3, FSDP2)
+        policy is merged from the saved adapter into a whole full-precision base instead."""
         if self.accelerator.is_main_process:
             peft_model = self.accelerator.unwrap_model(self.model)
-            if getattr(peft_model, "is_loaded_in_4bit", False):  # QLoRA: merge in full precision
+            if getattr(peft_model, "is_loaded_in_4bit", False) or sharding(self.accelerator):
                 adapter = self.run.checkpoint_dir / FINAL_ADAPTER_DIR
-                merged = merged_from_adapter(self.config.model.model_dump(), str(adapter))
+                task = peft_model.peft_config["default"].task_type
+                merged = merged_from_adapter(
+                    self.config.model.model_dump(),
+                    str(adapter),
+                    self.tokenizer,
+                    reward_head=str(task) in ("SEQ_CLS", "TaskType.SEQ_CLS"),
+                )
             else:
                 merged = peft_model.merge_and_unload()
             with atomic_dir(directory, unique=False, fsync=True) as tmp:
@@ -663,6 +684,7 @@ class Trainer(ABC):
         state_dict = self.accelerator.get_state_dict(self.model)
         if self.accelerator.is_main_process:
             unwrapped = self.accelerator.unwrap_model(self.model)
+            state_dict = without_tied_copies(unwrapped, state_dict)
             try:
                 with atomic_dir(directory, unique=False, fsync=True) as tmp:
                     unwrapped.save_pretrained(tmp, state_dict=state_dict)

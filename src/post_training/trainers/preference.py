@@ -22,9 +22,11 @@ import logging
 
 import torch
 
+from post_training.errors import ConfigError
 from post_training.losses.logprobs import shift_labels
 from post_training.trainers.base import Trainer, TrainerCallback, TrainerContext
 from post_training.trainers.sft import sft_forward
+from post_training.utils.distributed import sharding
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,11 @@ class PreferenceTrainer(Trainer):
         self.reference.prepare(self.accelerator)
         self._ref_cache: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
         if self.loss.sync_ref_model:
+            if sharding(self.accelerator):
+                raise ConfigError(
+                    "trainer.sync_ref_model=true (TR-DPO) needs whole parameters on every rank: "
+                    f"not under {sharding(self.accelerator)} (use DDP, ZeRO-1 or ZeRO-2)"
+                )
             assert self.reference.model is not None, "TR-DPO needs the frozen reference model"
             self.accelerator.register_for_checkpointing(self.reference.model)
             self.callbacks.append(
@@ -103,15 +110,14 @@ class PreferenceTrainer(Trainer):
                     self.loss.ref_model_sync_steps,
                 )
             )
-        if self.reference.precompute:  # one pass; the main process writes the cache
-            with self.accelerator.main_process_first():
-                self.reference.precompute_columns(
-                    self.model,
-                    [*self.train_data, *self.eval_data],
-                    self.run.config,
-                    self.tokenizer,
-                    self.accelerator,
-                )
+        if self.reference.precompute:  # one pass shared by the ranks; the main process caches
+            self.reference.precompute_columns(
+                self.model,
+                [*self.train_data, *self.eval_data],
+                self.run.config,
+                self.tokenizer,
+                self.accelerator,
+            )
 
     def loss_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The pairs (KTO: examples) of the micro-batch; for KTO's reference point also the

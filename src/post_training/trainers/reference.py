@@ -37,6 +37,7 @@ from post_training.trainers.preference import pair_statistics
 from post_training.trainers.sft import sft_forward
 from post_training.utils.atomic import atomic_file
 from post_training.utils.config import config_hash
+from post_training.utils.distributed import parameter_counts, sharding, zero3_inference_engine
 from post_training.utils.progress import ItemProgress
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,24 @@ def summed_logps(
     finally:
         model.train(was_training)
     return torch.cat(out).double().cpu().numpy()
+
+
+def scored_by_all_ranks(
+    score: Any, examples: Sequence[Mapping[str, Any]], accelerator: Any
+) -> np.ndarray:
+    """``score(examples)`` computed in shares: rank r scores examples r, r+W, ... (every rank
+    the same number of forwards, topped up with copies of the first example, since sharded
+    forwards are collective), gathered back into the order of ``examples`` on every rank."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world == 1:
+        return score(examples)
+    per_rank = -(-len(examples) // world)
+    share = list(examples[rank::world])
+    share += [examples[0]] * (per_rank - len(share))
+    mine = torch.from_numpy(score(share)).to(accelerator.device)
+    gathered = accelerator.gather(mine).cpu().numpy()  # [W·per_rank, ...], rank-major
+    order = [r * per_rank + j for j in range(per_rank) for r in range(world)]
+    return gathered[order][: len(examples)]
 
 
 def cache_file(config: Mapping[str, Any], tokenizer: Any) -> Path:
@@ -183,10 +202,37 @@ class Reference:
         return self
 
     def prepare(self, accelerator: Any) -> None:
-        """Put the frozen model on the policy's device (a full replica per rank; sharding it
-        like a ZeRO-3 / FSDP policy is the scale-out issue's)."""
-        if self.model is not None:
-            self.model = self.model.to(accelerator.device).eval().requires_grad_(False)
+        """Place the frozen model like the policy: sharded the same way under ZeRO-3 (a
+        DeepSpeed inference engine) and FSDP2 (``fully_shard`` with the launch's plugin), so no
+        rank holds a full copy where the policy is sharded; a replica per rank otherwise (DDP,
+        ZeRO-1/2 and one process keep whole parameters on every rank for the policy too)."""
+        if self.model is None:
+            return
+        kind = sharding(accelerator)
+        if kind == "zero3":
+            self.model = zero3_inference_engine(self.model, accelerator)
+        elif kind == "fsdp":
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            if not accelerator.is_fsdp2:
+                raise ConfigError(
+                    "The reference model needs FSDP version 2 (fsdp_config.fsdp_version: 2)"
+                )
+            self.model = fsdp2_prepare_model(accelerator, self.model)
+        else:
+            self.model = self.model.to(accelerator.device)
+        self.model.eval()  # (a DeepSpeed engine's eval() returns None: no chaining)
+        self.model.requires_grad_(False)
+        whole, local = parameter_counts(self.model)
+        log.info(
+            "Reference model: %s, %.2fM of its %.2fM parameters on rank %d",
+            {"zero3": "sharded (ZeRO-3)", "fsdp": "sharded (FSDP2)"}.get(
+                kind or "", "a replica on every rank"
+            ),
+            local / 1e6,
+            whole / 1e6,
+            accelerator.process_index,
+        )
 
     @torch.no_grad()
     def logps(
@@ -220,29 +266,36 @@ class Reference:
         accelerator: Any,
     ) -> None:
         """Set ``ref_chosen_logps`` / ``ref_rejected_logps`` on every pair, from the cache or
-        by one pass (written to the cache atomically), then free the reference model. Call it
-        under ``accelerator.main_process_first()``: the main process computes and writes, the
-        others read the cache."""
+        by one pass shared by all ranks (:func:`scored_by_all_ranks`; the main process writes
+        the cache atomically), then free the reference model. Call it on every rank."""
         if not self.precompute:
             return
         path = self.cache = cache_file(config, tokenizer)
         values = self._read_cache(path, len(examples))
-        if values is None:
+        missing = torch.tensor(float(values is None), device=accelerator.device)
+        if accelerator.num_processes > 1:  # every rank scores, or none: the forward is collective
+            missing = accelerator.reduce(missing, "sum")
+        if missing.item() > 0:
             scorer = self.model if self.mode == "model" else policy
-            values = summed_logps(
-                scorer,
+            values = scored_by_all_ranks(
+                lambda share: summed_logps(
+                    scorer,
+                    share,
+                    tokenizer.pad_token_id,
+                    int(config["training_args"]["per_device_eval_batch_size"]),
+                    self.chunk_size,
+                    device=accelerator.device,
+                    without_adapters=self.mode == "peft",
+                    ld_alpha=self.ld_alpha,
+                ),
                 examples,
-                tokenizer.pad_token_id,
-                int(config["training_args"]["per_device_eval_batch_size"]),
-                self.chunk_size,
-                device=accelerator.device,
-                without_adapters=self.mode == "peft",
-                ld_alpha=self.ld_alpha,
+                accelerator,
             )
             if accelerator.is_main_process:
                 with atomic_file(path) as tmp:
                     np.savez(tmp, chosen=values[:, 0], rejected=values[:, 1])
                 log.info("Reference log-probs of %d pairs written to %s", len(examples), path)
+            accelerator.wait_for_everyone()
         for example, (chosen, rejected) in zip(examples, values.tolist(), strict=True):
             example["ref_chosen_logps"], example["ref_rejected_logps"] = chosen, rejected
         self.free()
