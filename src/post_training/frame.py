@@ -214,8 +214,9 @@ def begin(cfg: DictConfig) -> Frame:
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     silence_known_warnings()
+    training = args.training_args
     accelerator = make_accelerator(  # DeepSpeed / FSDP2 on CPU ranks too (gloo)
-        args.training_args.gradient_accumulation_steps, args.training_args.mixed_precision
+        training.gradient_accumulation_steps, training.mixed_precision, training.ddp_timeout
     )
     set_seed(args.seed)
     run = setup_run(cfg, accelerator)

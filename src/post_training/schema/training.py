@@ -57,6 +57,9 @@ class TrainingArgs(Section):
     loss_chunk_size: NonNegativeInt = Field(description="LM-head rows at a time (0: full logits)")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(description="autocast (GPU)")
     gradient_checkpointing: bool = Field(description="recompute activations in backward")
+    ddp_timeout: PositiveInt = Field(
+        description="seconds a rank waits in a collective (e.g. while the main one tokenizes)"
+    )
 
     logging_steps: PositiveInt = Field(description="log every this many steps")
     eval_strategy: Literal["no", "steps", "epoch"] = Field(

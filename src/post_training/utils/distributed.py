@@ -19,6 +19,7 @@ reference model).
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -37,19 +38,26 @@ def launched_with(kind: str) -> bool:
     return _flag(variable) and int(os.environ.get("LOCAL_RANK", -1)) != -1
 
 
-def make_accelerator(gradient_accumulation_steps: int, mixed_precision: str) -> Accelerator:
+def make_accelerator(
+    gradient_accumulation_steps: int, mixed_precision: str, timeout_s: int = 1800
+) -> Accelerator:
     """The run's :class:`Accelerator`: as accelerate builds it on GPUs; on CPU ranks with
-    DeepSpeed (gloo) and FSDP2 made to work (module docstring)."""
+    DeepSpeed (gloo) and FSDP2 made to work (module docstring). ``timeout_s``: how long a rank
+    waits in a collective (``training_args.ddp_timeout``; torch's default is 10 minutes, which
+    a long first tokenization on the main process can exceed)."""
+    timeout = timedelta(seconds=timeout_s)
     common: dict[str, Any] = {
         "gradient_accumulation_steps": gradient_accumulation_steps,
         "mixed_precision": mixed_precision,
     }
     if torch.cuda.is_available():
-        return Accelerator(**common)
+        return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)], **common)
     if launched_with("deepspeed"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **common)
-    accelerator = Accelerator(cpu=True, **common)  # several CPU processes: gloo
+        handler = InitProcessGroupKwargs(backend="gloo", timeout=timeout)
+        return Accelerator(kwargs_handlers=[handler], **common)
+    handler = InitProcessGroupKwargs(timeout=timeout)
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[handler], **common)  # gloo
     if launched_with("fsdp") and accelerator.distributed_type == DistributedType.MULTI_CPU:
         plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables of the launch
         if mixed_precision != "no":
