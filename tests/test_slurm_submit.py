@@ -16,6 +16,7 @@ weights (atol 1e-5).
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -42,7 +43,7 @@ BASE = [
     "slurm.time=00:10:00",
     "slurm.dry_run=false",
 ]
-ONE, TWO = "one-process", "two-nodes"
+ONE, TWO, ZERO3 = "one-process", "two-nodes", "two-nodes-zero3"
 
 
 @dataclass
@@ -76,6 +77,8 @@ def submitted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Submitted]:
             (ONE, ["training_args.per_device_train_batch_size=16"]),
             (TWO, ["training_args.per_device_train_batch_size=8", "slurm.nodes=2",
                    "slurm.accelerate=ddp"]),
+            (ZERO3, ["training_args.per_device_train_batch_size=8", "slurm.nodes=2",
+                     "slurm.accelerate=ds-zero3"]),
         ):  # fmt: skip
             outputs[name] = submit(
                 [*BASE, *extra, f"data.cache_dir={tmp / 'cache' / name}",
@@ -114,9 +117,13 @@ def test_submit_cli_runs_a_tiny_sft_to_its_final_model(submitted: Submitted) -> 
     assert [m["step"] for m in read_metrics(run) if "loss" in m] == list(range(1, STEPS + 1))
 
 
-def test_two_nodes_through_the_wrapper_equal_one_process(submitted: Submitted) -> None:
-    wait(submitted, TWO)
-    text = log(submitted, TWO)
+@pytest.mark.parametrize("name", [TWO, ZERO3])
+def test_two_nodes_through_the_wrapper_equal_one_process(submitted: Submitted, name: str) -> None:
+    """DDP, and DeepSpeed ZeRO-3 (gloo on CPU) sharded over the two nodes."""
+    if name == ZERO3 and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("needs deepspeed (the dev extra installs it)")
+    wait(submitted, name)
+    text = log(submitted, name)
     port = re.search(r"2 node\(s\) × 1 device\(s\), venv, rendezvous (\S+):(\d+)", text)
     assert port and port.group(1) == submitted.cluster.node, text[-3000:]
     for rank in range(2):  # one launcher per node, the rendezvous on the first node
@@ -125,14 +132,14 @@ def test_two_nodes_through_the_wrapper_equal_one_process(submitted: Submitted) -
             rf"--machine_rank {rank} --main_process_ip {port[1]} --main_process_port {port[2]} ",
             text,
         ), text[-3000:]
-    job = submitted.cluster.job(submitted.job_ids[TWO])
+    job = submitted.cluster.job(submitted.job_ids[name])
     assert job["NumNodes"] == "2" and job["NodeList"] != submitted.cluster.node, job
-    (run,) = run_dirs(submitted.artifacts, f"submit/{TWO}")
+    (run,) = run_dirs(submitted.artifacts, f"submit/{name}")
     assert (run / "rank-1").is_dir(), "rank 1 (the second node) ran in the same run dir"
     assert read_metrics(run)[0]["num_samples"] == 16
     wait(submitted, ONE)
     one = final_weights(submitted.artifacts, f"submit/{ONE}")
-    two = final_weights(submitted.artifacts, f"submit/{TWO}")
+    two = final_weights(submitted.artifacts, f"submit/{name}")
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
