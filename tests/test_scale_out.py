@@ -97,6 +97,7 @@ def launch(
     job: str,
     env: dict[str, str] | None = None,
     check: bool = True,
+    extra: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     """``accelerate launch --config_file <config>.yaml --num_processes 2`` of the case's
     entrypoint, 2 ranks × 4 per device × 2 accumulated."""
@@ -104,7 +105,7 @@ def launch(
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         str(CONFIGS / f"{config}.yaml"), "--num_processes", "2", "--main_process_port",
         str(next(_PORT)), "-m", f"post_training.{ENTRYPOINT[case]}", *_common(case, job), *TWO,
-        f"data.cache_dir={artifacts / ('cache-' + job)}",
+        f"data.cache_dir={artifacts / ('cache-' + job)}", *extra,
     ]  # fmt: skip
     proc = subprocess.run(
         command, cwd=REPO, env=_env(artifacts, env), capture_output=True, text=True, timeout=600
@@ -157,7 +158,10 @@ MATRIX = [
 def test_two_ranks_equal_one_process(shared: Path, config: str, case: str) -> None:
     one = run_one(shared, case)
     two = f"{case}-{config}"
-    proc = launch(shared, config, case, two)
+    # SFT: the end-of-run exact match too (the main process alone loads final-model/ and
+    # generates, inside a launch whose other rank waits).
+    at_end = ("evaluation.at_end=true",) if case == "sft" else ()
+    proc = launch(shared, config, case, two, extra=at_end)
     worst = assert_equal_runs(shared, case, one, two, atol=1e-5)
     print(f"{config} {case}: largest weight deviation from one process {worst:.2e}")
     logs = proc.stdout + proc.stderr
@@ -172,6 +176,8 @@ def test_two_ranks_equal_one_process(shared: Path, config: str, case: str) -> No
             assert float(local) == pytest.approx(float(whole) / (2 if sharded else 1), abs=0.02), (
                 "a sharded reference holds half of its parameters per rank"
             )
+    if at_end:
+        assert "Exact-match accuracy" in logs, logs[-3000:]
     (final,) = job_dir(shared, two, ENTRYPOINT[case]).rglob("final-model")
     assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
     assert not list(final.glob("*.pt")), "a plain HF checkpoint, not DeepSpeed shards"

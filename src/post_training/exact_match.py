@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from post_training.data_sft.training_data import read_eval_rows
 from post_training.errors import ConfigError
-from post_training.modeling.loading import torch_dtype
+from post_training.modeling.loading import torch_dtype, whole_under_zero3
 from post_training.utils.atomic import atomic_write_json
 from post_training.utils.progress import ItemProgress
 from post_training.utils.tracking import MetricsLogger
@@ -75,6 +75,7 @@ def generation_accuracy(
                 do_sample=False,
                 eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
+                synced_gpus=False,  # a whole model on one process, even in a ZeRO-3 launch
             )
             new = out[:, enc["input_ids"].shape[1] :]
             for row, ids in zip(chunk, new, strict=True):
@@ -135,9 +136,10 @@ def evaluate_checkpoint(
     if max_examples:
         rows = rows[: int(max_examples)]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch_dtype(dtype), use_safetensors=True
-    )
+    with whole_under_zero3():  # the main process alone, after a ZeRO-3 run: no zero.Init
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch_dtype(dtype), use_safetensors=True
+        )
     if torch.cuda.is_available():
         model = model.cuda()
     result = generation_accuracy(model, tokenizer, rows, dataset_cfg, max_new_tokens, batch_size)
