@@ -57,8 +57,14 @@ PREFERENCE = {
     "peft": ("trainer=dpo", "model_args.use_peft=true", "model_args.lora_r=4",
              "model_args.lora_dropout=0.0", "training_args.learning_rate=0.002"),
 }  # fmt: skip
-ENTRYPOINT = {**dict.fromkeys(SFT, "train_sft"), **dict.fromkeys(PREFERENCE, "train_preference")}
-OVERRIDES = {**SFT, **PREFERENCE}
+PREFERENCE["kto"] = ("trainer=kto", "dataset.unpair=true")  # z0 over the window and both ranks
+REWARD = {"reward": ()}  # train_reward: the score head's output read through a forward hook
+ENTRYPOINT = {
+    **dict.fromkeys(SFT, "train_sft"),
+    **dict.fromkeys(PREFERENCE, "train_preference"),
+    **dict.fromkeys(REWARD, "train_reward"),
+}
+OVERRIDES = {**SFT, **PREFERENCE, **REWARD}
 
 
 def _env(artifacts: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -71,7 +77,8 @@ def _env(artifacts: Path, extra: dict[str, str] | None = None) -> dict[str, str]
 
 
 def _common(case: str, job: str) -> list[str]:
-    return [*QUICK, *STEPS, "training_args.max_grad_norm=1.0", "dataset.max_train_examples=96",
+    quick = [a for a in QUICK if ENTRYPOINT[case] != "train_reward" or "evaluation" not in a]
+    return [*quick, *STEPS, "training_args.max_grad_norm=1.0", "dataset.max_train_examples=96",
             *OVERRIDES[case], f"job_subdir={job}"]  # fmt: skip
 
 
@@ -151,6 +158,7 @@ MATRIX = [
     ("ds-zero1", "live"), ("ds-zero2", "live"), ("ds-zero3", "live"), ("fsdp", "live"),
     ("ds-zero3", "precomputed"), ("fsdp", "precomputed"),
     ("ds-zero3", "peft"), ("fsdp", "peft"),
+    ("ds-zero3", "kto"), ("ds-zero3", "reward"), ("fsdp", "reward"),
 ]  # fmt: skip
 
 

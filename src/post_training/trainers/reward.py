@@ -39,20 +39,19 @@ def score_head(model: nn.Module) -> nn.Module:
 @contextmanager
 def captured_scores(head: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Within the block, ``captured["scores"]`` is the head's per-token output [B, T, 1] of the
-    last forward (the model then pools it as usual; the pooled value is not used)."""
+    last forward (the model then pools it as usual; the pooled value is not used). A forward
+    hook sees the output as the module returns it, after the wrappers' own hooks (ZeRO-3
+    attaches the hook that gathers the head's weight for backward to that output tensor)."""
     captured: dict[str, torch.Tensor] = {}
-    original = head.forward
 
-    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        out = original(*args, **kwargs)
-        captured["scores"] = out
-        return out
+    def keep(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        captured["scores"] = output
 
-    head.forward = forward  # type: ignore[method-assign]
+    handle = head.register_forward_hook(keep)
     try:
         yield captured
     finally:
-        del head.forward
+        handle.remove()
 
 
 def document_ends(batch: dict[str, torch.Tensor], pad_token_id: int | None) -> torch.Tensor:
