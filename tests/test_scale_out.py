@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import QUICK, REPO, final_weights, job_dir
+from .conftest import QUICK, REPO, final_weights, job_dir, save_initial_model
 
 pytestmark = [
     pytest.mark.e2e,
@@ -57,6 +57,9 @@ PREFERENCE = {
     "peft": ("trainer=dpo", "model_args.use_peft=true", "model_args.lora_r=4",
              "model_args.lora_dropout=0.0", "training_args.learning_rate=0.002"),
 }  # fmt: skip
+# From a saved checkpoint (a user's SFT model): ZeRO-3 loads policy and reference partitioned
+# (zero.Init), FSDP2 loads them on rank 0 and broadcasts (cpu_ram_efficient_loading).
+PREFERENCE["pretrained"] = ("trainer=dpo", "model.init_from_config=false")
 PREFERENCE["kto"] = ("trainer=kto", "dataset.unpair=true")  # z0 over the window and both ranks
 REWARD = {"reward": ()}  # train_reward: the score head's output read through a forward hook
 ENTRYPOINT = {
@@ -76,10 +79,15 @@ def _env(artifacts: Path, extra: dict[str, str] | None = None) -> dict[str, str]
     }
 
 
-def _common(case: str, job: str) -> list[str]:
+def _common(case: str, job: str, artifacts: Path) -> list[str]:
     quick = [a for a in QUICK if ENTRYPOINT[case] != "train_reward" or "evaluation" not in a]
-    return [*quick, *STEPS, "training_args.max_grad_norm=1.0", "dataset.max_train_examples=96",
-            *OVERRIDES[case], f"job_subdir={job}"]  # fmt: skip
+    start = []
+    if case == "pretrained":
+        start = [f"model.model_name_or_path={artifacts / 'start'}"]
+        if not (artifacts / "start").is_dir():
+            save_initial_model(artifacts / "start")
+    return [*quick, *STEPS, *start, "training_args.max_grad_norm=1.0",
+            "dataset.max_train_examples=96", *OVERRIDES[case], f"job_subdir={job}"]  # fmt: skip
 
 
 def run_one(artifacts: Path, case: str) -> str:
@@ -87,7 +95,8 @@ def run_one(artifacts: Path, case: str) -> str:
     job = f"{case}-one"
     if not job_dir(artifacts, job, ENTRYPOINT[case]).is_dir():
         proc = subprocess.run(
-            [sys.executable, "-m", f"post_training.{ENTRYPOINT[case]}", *_common(case, job), *ONE],
+            [sys.executable, "-m", f"post_training.{ENTRYPOINT[case]}",
+             *_common(case, job, artifacts), *ONE],
             cwd=REPO, env=_env(artifacts), capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -111,7 +120,8 @@ def launch(
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         str(CONFIGS / f"{config}.yaml"), "--num_processes", "2", "--main_process_port",
-        str(next(_PORT)), "-m", f"post_training.{ENTRYPOINT[case]}", *_common(case, job), *TWO,
+        str(next(_PORT)), "-m", f"post_training.{ENTRYPOINT[case]}", *_common(case, job, artifacts),
+        *TWO,
         f"data.cache_dir={artifacts / ('cache-' + job)}", *extra,
     ]  # fmt: skip
     proc = subprocess.run(
@@ -158,6 +168,7 @@ MATRIX = [
     ("ds-zero1", "live"), ("ds-zero2", "live"), ("ds-zero3", "live"), ("fsdp", "live"),
     ("ds-zero3", "precomputed"), ("fsdp", "precomputed"),
     ("ds-zero3", "peft"), ("fsdp", "peft"),
+    ("ds-zero3", "pretrained"), ("fsdp", "pretrained"),
     ("ds-zero3", "kto"), ("ds-zero3", "reward"), ("fsdp", "reward"),
 ]  # fmt: skip
 
@@ -225,8 +236,8 @@ def test_tr_dpo_is_refused_under_sharding(shared: Path) -> None:
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         str(CONFIGS / "ds-zero3.yaml"), "--num_processes", "2", "--main_process_port",
-        str(next(_PORT)), "-m", "post_training.train_preference", *_common("live", job), *TWO,
-        "trainer.sync_ref_model=true",
+        str(next(_PORT)), "-m", "post_training.train_preference",
+        *_common("live", job, shared), *TWO, "trainer.sync_ref_model=true",
     ]  # fmt: skip
     refused = subprocess.run(
         command, cwd=REPO, env=_env(shared), capture_output=True, text=True, timeout=600
