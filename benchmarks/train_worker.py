@@ -21,6 +21,13 @@ is the peak during the training steps minus the memory in use just before the fi
 (``VmRSS``; CUDA allocated): what the steps themselves add on top of the loaded model and data.
 For it the peak is reset before the first step (``/proc/self/clear_refs``;
 ``torch.cuda.reset_peak_memory_stats``), after saving the peak so far.
+
+Threads: ``torch.set_num_threads(spec["threads"])`` before anything else (the parent also sets
+``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` in the environment); the thread count torch reports
+during the steps is recorded (``torch_threads``), with the CPU seconds of the timed window
+(``cpu_utilisation`` = CPU s per wall s: about the thread count when the process had its cores).
+The worker's own start-up matmul peak is recorded as ``peak_flops``; MFU is left to the parent,
+which divides by the best of all peak measurements at this thread count.
 """
 
 from __future__ import annotations
@@ -248,6 +255,7 @@ def run_trl(spec: dict[str, Any], marks: Marks) -> dict[str, Any]:
 
     class StepTimer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            marks.threads = torch.get_num_threads()
             marks.step_end()
 
     def count(inputs: dict[str, torch.Tensor], pairs: bool) -> None:
@@ -352,8 +360,7 @@ def summarize(spec: dict[str, Any], marks: Marks, device: torch.device) -> dict[
         # Less sensitive to other processes on a shared machine than tokens per wall second.
         "tokens_per_cpu_s": (tok1 - tok0) / cpu_s,
         "tflops": flops_per_s / 1e12,
-        "peak_flops": peak,
-        "mfu": flops_per_s / peak,
+        "peak_flops": peak,  # this process's start-up measurement (CPU) or rated peak (GPU)
         "peak_memory_gb": max(peak_memory_gb(device), marks.peak_before_training_gb),
         "step_memory_gb": peak_memory_gb(device) - (marks.before_training_gb or 0.0),
     }
@@ -362,7 +369,8 @@ def summarize(spec: dict[str, Any], marks: Marks, device: torch.device) -> dict[
 def main(argv: list[str] | None = None) -> None:
     spec_path, out_path = (sys.argv[1:] if argv is None else argv)[:2]
     spec = json.loads(Path(spec_path).read_text())
-    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     marks = Marks()
     device_peak_flops(device)  # measured (CPU) before any training, in both
@@ -370,6 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {**summarize(spec, marks, device), **extra}
     result["process_s"] = time.perf_counter() - marks.start
     result["torch_threads"] = getattr(marks, "threads", torch.get_num_threads())
+    result["threads_requested"] = spec.get("threads")
+    result["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
     Path(out_path).write_text(json.dumps(result, indent=2) + "\n")
 
 
