@@ -34,6 +34,7 @@ SLOW_FILES = (
     "test_e2e_main_job.py",
     "test_e2e_trainers.py",
     "test_scale_out.py",
+    "test_compile.py",
     "test_e2e_alignment.py",
     "test_slurm.py",
     "test_e2e_train.py",

@@ -57,6 +57,7 @@ class TrainingArgs(Section):
     loss_chunk_size: NonNegativeInt = Field(description="LM-head rows at a time (0: full logits)")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(description="autocast (GPU)")
     gradient_checkpointing: bool = Field(description="recompute activations in backward")
+    torch_compile: bool = Field(description="torch.compile the transformer body (dynamic shapes)")
     ddp_timeout: PositiveInt = Field(
         description="seconds a rank waits in a collective (e.g. while the main one tokenizes)"
     )

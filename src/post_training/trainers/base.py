@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 from post_training.data_sft.collate import pad_collate
 from post_training.data_sft.sampling import epoch_batches
 from post_training.errors import ConfigError, StorageFull
+from post_training.modeling.compile import compile_decoder
 from post_training.modeling.loading import is_peft_model, merged_from_adapter
 from post_training.utils import checkpointing as ckpt
 from post_training.utils import run_status
@@ -162,6 +163,8 @@ class Trainer(ABC):
             # transformers 5 renamed it; the old name still works there, with a warning.
             enable = getattr(model, "activation_checkpointing_enable", None)
             (enable or model.gradient_checkpointing_enable)()
+        if self.args.torch_compile:
+            compile_decoder(model)
         self._configure_deepspeed()
         optimizer = self._make_optimizer(model)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
