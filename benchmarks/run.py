@@ -359,6 +359,9 @@ def summarise_row(variant: str, arms: dict[str, list[dict[str, Any]]], peak: flo
         row[impl] = arm_summary(windows, peak, basis)
     row["ratio"] = ratios(row["ours"], row["trl"])
     row["ratio_median"] = ratios(row["ours"]["median"], row["trl"]["median"])
+    if "compiled" in row:  # compiled / eager, both ours
+        row["ratio_compiled"] = ratios(row["compiled"], row["ours"])
+        row["ratio_compiled_median"] = ratios(row["compiled"]["median"], row["ours"]["median"])
     if "plain" in row:
         row["ratio_plain"] = ratios(row["ours"], row["plain"])
         row["ratio_plain_median"] = ratios(row["ours"]["median"], row["plain"]["median"])
@@ -411,7 +414,12 @@ def scenario_peak(device: str, measurements: list[dict], windows: list[dict]) ->
 
 
 def run_training_scenario(
-    scenario: Scenario, repeats: int, root: Path, threads: int, quick_mode: bool = False
+    scenario: Scenario,
+    repeats: int,
+    root: Path,
+    threads: int,
+    quick_mode: bool = False,
+    compiled: bool = False,
 ) -> dict[str, Any]:
     from benchmarks.data_prep import EOS_TOKEN, PAD_TOKEN, build_tokenizer
 
@@ -457,7 +465,7 @@ def run_training_scenario(
                 + (" (contended)" if measurement["contended"] else "")
             )
         for ref in variants:
-            for impl in impls(scenario):
+            for impl in impls(scenario, compiled):
                 name = f"{impl}-{ref or 'sft'}-{repeat}"
                 result = run_worker(
                     {**base, "impl": impl, "ref": ref}, workdir, name, root / "artifacts", threads
@@ -485,7 +493,9 @@ def run_training_scenario(
     for w in windows:  # each window's MFU against the scenario's peak (never above 100%)
         w["mfu"], w["mfu_note"] = mfu_of(w["tflops"], peak)
     rows = [
-        summarise_row(ref or "packed", {impl: runs[(ref, impl)] for impl in impls(scenario)}, peak)
+        summarise_row(
+            ref or "packed", {impl: runs[(ref, impl)] for impl in impls(scenario, compiled)}, peak
+        )
         for ref in variants
     ]
     settings = {k: v for k, v in base.items() if k not in ("model_dir", "data_path")}
@@ -508,9 +518,11 @@ def run_training_scenario(
     }
 
 
-def impls(scenario: Scenario) -> tuple[str, ...]:
-    """The measured arms: ours and TRL; SFT also ours with the plain Hugging Face loss."""
-    return ("ours", "plain", "trl") if scenario.kind == "sft" else ("ours", "trl")
+def impls(scenario: Scenario, compiled: bool = False) -> tuple[str, ...]:
+    """The measured arms: ours and TRL; SFT also ours with the plain Hugging Face loss;
+    ``compiled``: also ours with ``training_args.torch_compile=true``."""
+    arms = ("ours", "plain", "trl") if scenario.kind == "sft" else ("ours", "trl")
+    return (*arms, "compiled") if compiled else arms
 
 
 def ratios(ours: dict[str, Any], other: dict[str, Any]) -> dict[str, float | None]:
@@ -569,7 +581,7 @@ def format_training(result: dict[str, Any]) -> str:
     contended = result["contended"]
     threads = result["settings"]["threads"]
     header = (
-        f"{'variant':12} {'impl':5} {'tokens/s':>9} {'(median)':>9} {'pairs/s':>8} {'MFU':>6} "
+        f"{'variant':12} {'impl':8} {'tokens/s':>9} {'(median)':>9} {'pairs/s':>8} {'MFU':>6} "
         f"{'TFLOP/s':>8} {'peak GB':>8} {'step GB':>8} {'tok/step':>8} {'CPU use':>7} "
         f"{'tok/CPU-s':>9} {'contended':>9}"
     )
@@ -585,13 +597,13 @@ def format_training(result: dict[str, Any]) -> str:
     ]
     notes = []
     for row in result["rows"]:
-        for impl in ("ours", "plain", "trl"):
+        for impl in ("ours", "plain", "trl", "compiled"):
             if impl not in row:
                 continue
             r = row[impl]
             pairs = f"{r['examples_per_s']:8.2f}" if s["kind"] == "dpo" else f"{'-':>8}"
             lines.append(
-                f"{row['variant']:12} {impl:5} {r['tokens_per_s']:9,.0f} "
+                f"{row['variant']:12} {impl:8} {r['tokens_per_s']:9,.0f} "
                 f"{r['median']['tokens_per_s']:9,.0f} {pairs} {fmt_mfu(r['mfu']):>6} "
                 f"{r['tflops']:8.4f} {r['peak_memory_gb']:8.2f} {r['step_memory_gb']:8.2f} "
                 f"{r['tokens_per_step']:8,.0f} {r['cpu_utilisation']:7.2f} "
@@ -620,6 +632,13 @@ def format_training(result: dict[str, Any]) -> str:
                 f"({fmt_ratio(row['ratio_plain_median']['tokens_per_s'])}), peak memory "
                 f"{fmt_ratio(plain['peak_memory'])}, memory added by the steps "
                 f"{fmt_ratio(plain['step_memory'])}"
+            )
+        if "ratio_compiled" in row:
+            lines.append(
+                f"{row['variant']:12} compiled/eager (ours): tokens/s "
+                f"{fmt_ratio(row['ratio_compiled']['tokens_per_s'])} "
+                f"({fmt_ratio(row['ratio_compiled_median']['tokens_per_s'])}), peak memory "
+                f"{fmt_ratio(row['ratio_compiled']['peak_memory'])}"
             )
         lines.append(f"{row['variant']:12} figures and ratios from {row['ratio_from']}")
     lines.extend(notes)
@@ -653,6 +672,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_threads(),
         help="torch threads (and OMP_NUM_THREADS) of every run and of the peak measurement "
         "(default: every core this process may use, %(default)s here)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="one more arm: ours with training_args.torch_compile=true (compiles in warm-up)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     return parser
@@ -732,7 +756,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 continue
             log(f"{name}: {scenario}, {args.threads} threads")
             result = run_training_scenario(
-                scenario, repeats, Path(tmp), args.threads, quick_mode=args.quick
+                scenario,
+                repeats,
+                Path(tmp),
+                args.threads,
+                quick_mode=args.quick,
+                compiled=args.compile,
             )
             report["scenarios"][name] = result
             print(format_training(result) + "\n", flush=True)

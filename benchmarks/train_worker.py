@@ -156,6 +156,8 @@ def ours_overrides(spec: dict[str, Any]) -> list[str]:
         f"training_args.mixed_precision={'bf16' if spec['precision'] == 'bf16' else 'no'}",
         "evaluation.at_end=false",
     ]
+    if spec["impl"] == "compiled":
+        overrides.append("training_args.torch_compile=true")
     if spec["kind"] == "sft":
         overrides.append("training_args.packing=true")
     else:
