@@ -88,8 +88,9 @@ COMMANDS: dict[str, Check] = {
     "model_merging.model_parameters.density=0.4 job_subdir=sft-dpo": Check(
         "covered", "test_model_merging.py::model_merging=ties"
     ),
-    "nice -n 10 .venv/bin/python -m benchmarks.run --json artifacts/benchmarks/run.json": Check(
-        "not_run", "~30 min; tests/test_benchmark_run.py runs it with --quick"
+    "nice -n 10 .venv/bin/python -m benchmarks.run --threads 1 --compile "
+    "--json artifacts/benchmarks/run.json": Check(
+        "not_run", "~15 min; tests/test_benchmark_run.py runs it with --quick --threads 1"
     ),
     ".venv/bin/python -m benchmarks.data_prep --num-examples 20000 --repeats 3 "
     "--json artifacts/benchmarks/data_prep.json": Check(
