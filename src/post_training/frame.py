@@ -123,6 +123,9 @@ def entrypoint(
         def main(cfg: DictConfig) -> None:
             OmegaConf.set_struct(cfg, True)
             code = report_project_errors(checked, cfg)
+            from post_training.utils.distributed import leave_without_teardown
+
+            leave_without_teardown(code or 0)
             if code:
                 sys.exit(code)
 
