@@ -12,7 +12,8 @@ Scenarios (default: all of them; the GPU ones skip, saying why, without CUDA):
   memory the chunked LM head saves.
 - ``dpo-cpu``: sigmoid DPO (beta 0.1), two sub-rows: a live reference model, and reference
   log-probs precomputed before training (ours: ``reference.precompute=true``; TRL:
-  ``precompute_ref_log_probs=True``).
+  ``precompute_ref_log_probs=True``). Ours packs several pairs per row
+  (``training_args.packing=true``); a third arm, ``unpacked``, is ours with one pair per row.
 - ``data-prep``: SFT data preparation (tokenize + mask + pack), :mod:`benchmarks.data_prep`.
 - ``sft-gpu`` / ``dpo-gpu``: the same on a ~1B Llama (random init), bf16, flash-attention
   varlen when ``flash_attn`` is installed (else SDPA), 4096-token packed rows, our chunked loss.
@@ -75,6 +76,7 @@ TARGETS = {
     "sft_tokens_ratio": 10.0,
     "sft_memory_vs_plain": 0.75,  # "well below the plain loss" (issue 4)
     "dpo_pairs_ratio": 3.0,
+    "dpo_mfu_vs_sft": 0.8,
 }
 
 
@@ -362,6 +364,9 @@ def summarise_row(variant: str, arms: dict[str, list[dict[str, Any]]], peak: flo
     if "compiled" in row:  # compiled / eager, both ours
         row["ratio_compiled"] = ratios(row["compiled"], row["ours"])
         row["ratio_compiled_median"] = ratios(row["compiled"]["median"], row["ours"]["median"])
+    if "unpacked" in row:  # several pairs per row / one pair per row, both ours
+        row["ratio_packed"] = ratios(row["ours"], row["unpacked"])
+        row["ratio_packed_median"] = ratios(row["ours"]["median"], row["unpacked"]["median"])
     if "plain" in row:
         row["ratio_plain"] = ratios(row["ours"], row["plain"])
         row["ratio_plain_median"] = ratios(row["ours"]["median"], row["plain"]["median"])
@@ -519,9 +524,10 @@ def run_training_scenario(
 
 
 def impls(scenario: Scenario, compiled: bool = False) -> tuple[str, ...]:
-    """The measured arms: ours and TRL; SFT also ours with the plain Hugging Face loss;
+    """The measured arms: ours and TRL; SFT also ours with the plain Hugging Face loss, DPO
+    also ours with one pair per row (``unpacked``; ours packs several pairs per row);
     ``compiled``: also ours with ``training_args.torch_compile=true``."""
-    arms = ("ours", "plain", "trl") if scenario.kind == "sft" else ("ours", "trl")
+    arms = ("ours", "plain", "trl") if scenario.kind == "sft" else ("ours", "unpacked", "trl")
     return (*arms, "compiled") if compiled else arms
 
 
@@ -561,6 +567,30 @@ def targets(scenario: Scenario, rows: list[dict]) -> dict[str, Any]:
     return out
 
 
+def mfu_against_sft(scenarios: dict[str, Any], device: str) -> dict[str, Any] | None:
+    """Our DPO MFU against our SFT MFU on the same model (target ≥ ``dpo_mfu_vs_sft``), per DPO
+    row, when both scenarios of ``device`` ran in this invocation."""
+    sft, dpo = scenarios.get(f"sft-{device}"), scenarios.get(f"dpo-{device}")
+    if not sft or not dpo or "rows" not in sft or "rows" not in dpo:
+        return None
+    base = sft["rows"][0]["ours"]["mfu"]
+    out: dict[str, Any] = {}
+    for row in dpo["rows"]:
+        mfu = row["ours"]["mfu"]
+        out[row["variant"]] = None if mfu is None or not base else mfu / base
+    parts = [
+        f"{variant} {fmt_ratio(value)} ("
+        + ("met" if value is not None and value >= TARGETS["dpo_mfu_vs_sft"] else "NOT met")
+        + ")"
+        for variant, value in out.items()
+    ]
+    text = (
+        f"dpo-{device} MFU / sft-{device} MFU (ours, target >= {TARGETS['dpo_mfu_vs_sft']}x): "
+        + ", ".join(parts)
+    )
+    return {"ratios": out, "text": text}
+
+
 def run_data_prep(quick_mode: bool, repeats: int) -> dict[str, Any]:
     from benchmarks import data_prep
 
@@ -597,7 +627,7 @@ def format_training(result: dict[str, Any]) -> str:
     ]
     notes = []
     for row in result["rows"]:
-        for impl in ("ours", "plain", "trl", "compiled"):
+        for impl in ("ours", "plain", "unpacked", "trl", "compiled"):
             if impl not in row:
                 continue
             r = row[impl]
@@ -632,6 +662,13 @@ def format_training(result: dict[str, Any]) -> str:
                 f"({fmt_ratio(row['ratio_plain_median']['tokens_per_s'])}), peak memory "
                 f"{fmt_ratio(plain['peak_memory'])}, memory added by the steps "
                 f"{fmt_ratio(plain['step_memory'])}"
+            )
+        if "ratio_packed" in row:
+            lines.append(
+                f"{row['variant']:12} packed/unpacked (ours): pairs/s "
+                f"{fmt_ratio(row['ratio_packed']['examples_per_s'])} "
+                f"({fmt_ratio(row['ratio_packed_median']['examples_per_s'])}), peak memory "
+                f"{fmt_ratio(row['ratio_packed']['peak_memory'])}"
             )
         if "ratio_compiled" in row:
             lines.append(
@@ -766,6 +803,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             report["scenarios"][name] = result
             print(format_training(result) + "\n", flush=True)
             save()
+    for device in ("cpu", "gpu"):
+        line = mfu_against_sft(report["scenarios"], device)
+        if line:
+            report.setdefault("mfu_against_sft", {})[device] = line
+            print(line["text"], flush=True)
     report["machine"]["load_avg_1_5_15_end"] = os.getloadavg()
     report["complete"] = True
     save()

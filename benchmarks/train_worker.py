@@ -158,9 +158,9 @@ def ours_overrides(spec: dict[str, Any]) -> list[str]:
     ]
     if spec["impl"] == "compiled":
         overrides.append("training_args.torch_compile=true")
-    if spec["kind"] == "sft":
-        overrides.append("training_args.packing=true")
-    else:
+    # SFT packs documents; DPO packs several pairs per row, except in the "unpacked" arm.
+    overrides.append(f"training_args.packing={str(spec['impl'] != 'unpacked').lower()}")
+    if spec["kind"] != "sft":
         overrides.append(f"reference.precompute={str(spec['ref'] == 'precomputed').lower()}")
     return overrides
 

@@ -313,3 +313,36 @@ def test_gpu_check_with_nvidia_smi_but_no_cuda_torch_exits_0(tmp_path: Path) -> 
         "gpu_check: no GPU here (torch.cuda.is_available() is False); nothing to check, exiting 0"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_dpo_rows_compare_packed_with_unpacked_and_dpo_mfu_with_sft() -> None:
+    assert bench.impls(bench.DEFAULTS["dpo-cpu"]) == ("ours", "unpacked", "trl")
+    ours, unpacked, trl = [window(300)], [window(200)], [window(100)]
+    row = bench.summarise_row("live", {"ours": ours, "unpacked": unpacked, "trl": trl}, PEAK)
+    assert row["ratio_packed"]["examples_per_s"] == pytest.approx(1.5)
+    assert row["ratio"]["examples_per_s"] == pytest.approx(3.0)
+    sft = bench.summarise_row("packed", {"ours": [window(400)], "trl": trl}, PEAK)
+    scenarios = {"sft-cpu": {"rows": [sft]}, "dpo-cpu": {"rows": [row]}}
+    line = bench.mfu_against_sft(scenarios, "cpu")
+    assert line["ratios"] == {"live": pytest.approx(0.75)}
+    assert line["text"].endswith("live 0.75x (NOT met)")
+    assert bench.mfu_against_sft({"dpo-cpu": {"rows": [row]}}, "cpu") is None
+    text = bench.format_training(
+        {
+            "scenario": asdict(bench.DEFAULTS["dpo-cpu"]),
+            "settings": {"threads": 1, "repeats": 1},
+            "rows": [row],
+            "contended": {
+                "rule": "r",
+                "windows": 3,
+                "contended_windows": 0,
+                "peak_measurements": 1,
+                "contended_peak_measurements": 0,
+            },
+            "peak_flops": 1e10,
+            "load_avg_1_5_15": [],
+            "targets": {},
+        }
+    )
+    assert "live         unpacked" in text
+    assert "packed/unpacked (ours): pairs/s 1.50x" in text

@@ -1,4 +1,5 @@
-"""End to end (marked e2e): reference log-probs three ways on the tiny model. That DPO and QRPO
+"""End to end (marked e2e): reference log-probs three ways on the tiny model, and pairs packed
+several per row training as one per row. That DPO and QRPO
 raise held-out accuracy over an SFT start is tested on the pairs the alignment data pipeline
 builds (``test_e2e_alignment.py``)."""
 
@@ -52,6 +53,21 @@ def test_reference_log_probs_three_ways(artifacts: Path) -> None:
     live, pre = _final_state(artifacts, "live"), _final_state(artifacts, "pre")
     for name in live:
         torch.testing.assert_close(pre[name], live[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    # Several pairs per row (training_args.packing): the same steps, in fewer, fuller rows.
+    packed = [*quick, "job_subdir=packed", "training_args.packing=true"]
+    run_entrypoint("train_preference", packed, artifacts)
+    packed_state = _final_state(artifacts, "packed")
+    for name in live:
+        torch.testing.assert_close(packed_state[name], live[name], rtol=1e-5, atol=1e-6, msg=name)
+    metrics = {
+        job: read_metrics(run_dirs(artifacts, job, "train_preference")[0])
+        for job in ("live", "packed")
+    }
+    for unpacked_step, packed_step in zip(metrics["live"], metrics["packed"], strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            if key in unpacked_step:
+                assert packed_step[key] == pytest.approx(unpacked_step[key], rel=1e-4, abs=1e-6)
 
     run_entrypoint(
         "train_preference", [*quick, "job_subdir=lora", "model_args.use_peft=true"], artifacts

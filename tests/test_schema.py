@@ -400,8 +400,8 @@ def test_several_problems_one_line_each() -> None:
 
 def test_keys_of_another_entrypoint_are_refused() -> None:
     cfg = composed("train-preference")
-    cfg["training_args"]["packing"] = False  # means nothing for pairs
-    with pytest.raises(ConfigError, match=r"training_args.packing: is not a key"):
+    cfg["training_args"]["num_training_tokens"] = 1000  # SFT's: pairs are counted in pairs
+    with pytest.raises(ConfigError, match=r"training_args.num_training_tokens: is not a key"):
         check(cfg)
 
 

@@ -112,6 +112,10 @@ class PreferenceTrainingArgs(TrainingArgs):
     max_prompt_length: PositiveInt | None = Field(
         description="longest prompt (null: model.max_seq_length - 1); longer is an error"
     )
+    packing: bool = Field(
+        description="several pairs per row: each micro-batch's pairs in best-fit-decreasing "
+        "rows of 2 × model.max_seq_length tokens (false: one pair per padded row)"
+    )
 
 
 HarnessLimit = PositiveInt | Annotated[float, Field(gt=0, lt=1)] | None

@@ -197,6 +197,10 @@ class Trainer(ABC):
         """Logged metrics from summed metrics and counts (default: none beyond the loss)."""
         return {}
 
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The batch of a micro-batch's examples (default: one per row, right-padded)."""
+        return pad_collate(examples, self.tokenizer.pad_token_id)
+
     # ------------------------------------------------------------------------------ set-up
     def _total_steps(self) -> int:
         key = self.args.length_key
@@ -290,7 +294,7 @@ class Trainer(ABC):
         for m in range(self.accumulation):
             slot = m * self.world + rank
             examples = [self.train_data[i] for i in indices[slot * size : (slot + 1) * size]]
-            batch = pad_collate(examples, self.tokenizer.pad_token_id)
+            batch = self.collate(examples)
             batches.append({k: v.to(self.accelerator.device) for k, v in batch.items()})
         return batches
 
@@ -538,7 +542,7 @@ class Trainer(ABC):
         batches = []
         for i in range(num_batches):
             examples = mine[i * size : (i + 1) * size]
-            batch = pad_collate(examples or self.eval_data[:1], self.tokenizer.pad_token_id)
+            batch = self.collate(examples or self.eval_data[:1])
             batches.append(
                 ({k: v.to(self.accelerator.device) for k, v in batch.items()}, bool(examples))
             )

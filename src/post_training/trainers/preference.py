@@ -22,6 +22,13 @@ import logging
 
 import torch
 
+from post_training.data_preference.collate import (
+    document_index,
+    pair_collate,
+    pair_slots,
+    per_pair,
+    real_pairs,
+)
 from post_training.errors import ConfigError
 from post_training.losses.logprobs import shift_labels
 from post_training.trainers.base import Trainer, TrainerCallback, TrainerContext
@@ -34,32 +41,46 @@ log = logging.getLogger(__name__)
 def pair_statistics(
     out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], ld_alpha: float | None = None
 ) -> dict:
-    """Per pair [B]: summed completion log-probs, completion lengths and mean logits of the
-    chosen (document 0 of the row) and rejected (document 1) sides.
+    """Per pair ([B] unpacked, [N] packed: :mod:`post_training.data_preference.collate`):
+    summed completion log-probs, completion lengths and mean logits of the chosen (document
+    2p of the row) and rejected (document 2p+1) sides.
 
     ``ld_alpha`` (LD-DPO, Liu et al. 2024, arXiv 2409.06411): the log-probs of each side's
     tokens beyond the shorter side's length count ``ld_alpha`` times (the lengths stay the
     full ones). With ``out["log_sum_sq"]`` (:func:`sft_forward` ``sum_sq=True``), also each
     side's WPO log-weight ``<side>_wpo_logw``: the mean over its completion tokens of
     ``logp − log Σ_v p_v²`` (WPO, Zhou et al. 2024, arXiv 2406.11827, Eq. 2), detached."""
-    side = shift_labels((batch["position_ids"] == 0).cumsum(-1) - 1, -1)
-    completion = out["completion"].to(out["logps"].dtype)
-    masks = {name: completion * (side == index) for name, index in (("chosen", 0), ("rejected", 1))}
+    document = shift_labels(document_index(batch), -1).unsqueeze(1)  # [R, 1, T]
+    slots = torch.arange(pair_slots(batch), device=document.device).view(1, -1, 1)
+    completion = out["completion"].to(out["logps"].dtype).unsqueeze(1)
+    masks = {  # [R, P, T]: the completion tokens of each slot's side
+        name: completion * (document == 2 * slots + index)
+        for name, index in (("chosen", 0), ("rejected", 1))
+    }
     lengths = {name: mask.sum(-1) for name, mask in masks.items()}
     shared = torch.minimum(lengths["chosen"], lengths["rejected"]).unsqueeze(-1)
+    logps = out["logps"].unsqueeze(1)
     stats = {}
     for name, mask in masks.items():
-        token_logps = out["logps"] * mask
+        token_logps = logps * mask
         if ld_alpha is not None:  # 1-based position of each token within its completion
             tail = (mask.cumsum(-1) > shared) & mask.bool()
             token_logps = torch.where(tail, ld_alpha * token_logps, token_logps)
         stats[f"{name}_logps"] = token_logps.sum(-1)
         stats[f"{name}_lengths"] = lengths[name]
-        stats[f"{name}_logit_sum"] = (out["logit_mean"] * mask).sum(-1).detach()
+        stats[f"{name}_logit_sum"] = (out["logit_mean"].unsqueeze(1) * mask).sum(-1).detach()
         if "log_sum_sq" in out:
-            aligned = ((out["logps"].detach() - out["log_sum_sq"]) * mask).sum(-1)
+            aligned = ((logps.detach() - out["log_sum_sq"].unsqueeze(1)) * mask).sum(-1)
             stats[f"{name}_wpo_logw"] = aligned / lengths[name].clamp(min=1)
-    return stats
+    return {key: per_pair(value, batch) for key, value in stats.items()}
+
+
+def pack_capacity(config) -> int | None:
+    """Tokens per packed row of pairs (``training_args.packing``): two sides of at most
+    ``model.max_seq_length`` each; ``None`` when pairs are not packed."""
+    if not config.training_args.packing:
+        return None
+    return 2 * int(config.model.max_seq_length)
 
 
 @torch.no_grad()
@@ -119,10 +140,15 @@ class PreferenceTrainer(Trainer):
                 self.accelerator,
             )
 
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """One pair per row, or (``training_args.packing``) the micro-batch's pairs packed into
+        rows of ``2 × model.max_seq_length`` tokens (the longest a pair can be)."""
+        return pair_collate(examples, self.tokenizer.pad_token_id, pack_capacity(self.config))
+
     def loss_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The pairs (KTO: examples) of the micro-batch; for KTO's reference point also the
         summed log-ratio of its KL completions (:meth:`_kl_sums`)."""
-        counts = {"num_pairs": (batch["attention_mask"].sum(-1) > 0).sum()}
+        counts = {"num_pairs": real_pairs(batch).sum()}
         if self.loss.window_kl:
             counts.update(self._kl_sums(batch))
         return counts
@@ -138,7 +164,7 @@ class PreferenceTrainer(Trainer):
         ref = self.reference.logps(self.model, batch, self.forward)
         self._ref_cache[id(batch)] = ref
         stats = self.forward(self.model, batch)
-        real = (batch["attention_mask"].sum(-1) > 0).to(stats["rejected_logps"].dtype)
+        real = real_pairs(batch).to(stats["rejected_logps"].dtype)
         return {
             "kl_logratio_sum": ((stats["rejected_logps"] - ref[1]) * real).sum(),
             "kl_examples": real.sum(),
