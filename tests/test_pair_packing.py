@@ -20,7 +20,7 @@ from post_training.trainers.reward import pair_rewards
 from post_training.trainers.sft import sft_forward
 from post_training.utils.config import asset_path
 
-WORDS = "a bc def gh ijk l mn op".split()
+WORDS = ["a", "bc", "def", "gh", "ijk", "l", "mn", "op"]
 
 
 @pytest.fixture(scope="module")
