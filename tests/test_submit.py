@@ -430,3 +430,23 @@ def test_every_alignment_stage_config_takes_its_generated_overrides(monkeypatch)
         assert resolved["entrypoint"] == stage
         assert resolved["partition"]["count"] == 2
         assert resolved["output_dir"].endswith(f"shared/alignment-data/tiny-tasks/tiny/{stage}")
+
+
+def test_online_template_writes_train_online_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The train_online sweep template: its runs launch train_online, validated against its
+    schema (a GRPO loss type it does not have is refused before anything is written)."""
+    monkeypatch.setenv("DEVICES_PER_NODE", "1")
+    copy = tmp_path / "online" / "1-my-experiment"
+    shutil.copytree(TEMPLATES / "online/0-template", copy)
+    template = _load(copy / "generate_submit.py")
+    path = template.main([])
+    assert "4 runs" in capsys.readouterr().out
+    lines = [line for line in path.read_text().splitlines() if line.startswith("sbatch ")]
+    words = shlex.split(lines[0])
+    assert "post_training.train_online" in words
+    assert "training_args.gradient_accumulation_steps=2" in words  # 8 prompts / (1 × 1 × 4)
+    monkeypatch.setitem(template.HYPERPARAMETERS, "trainer.loss_type", ["ppo"])
+    with pytest.raises(submit.SubmitError, match="trainer.loss_type"):
+        template.main(["--dry-run"])

@@ -59,6 +59,7 @@ class Completion:
     text: str
     num_tokens: int
     truncated: bool  # max_new_tokens reached before a stop token
+    token_ids: tuple[int, ...] = ()  # as sampled: the reply's tokens and the stop token, if any
 
 
 def resolve_backend(requested: str) -> str:
@@ -117,7 +118,10 @@ def _decode(tokenizer: Any, ids: Sequence[int], stops: set[int]) -> Completion:
     ids = list(ids)
     end = next((i for i, t in enumerate(ids) if t in stops), None)
     body = ids if end is None else ids[:end]
-    return Completion(tokenizer.decode(body, skip_special_tokens=True), len(body), end is None)
+    sampled = tuple(ids if end is None else ids[: end + 1])
+    return Completion(
+        tokenizer.decode(body, skip_special_tokens=True), len(body), end is None, sampled
+    )
 
 
 @torch.no_grad()
@@ -214,7 +218,10 @@ def generate_vllm(
     outputs = llm.generate(requests, params)
     flat = [
         Completion(
-            o.outputs[0].text, len(o.outputs[0].token_ids), o.outputs[0].finish_reason == "length"
+            o.outputs[0].text,
+            len(o.outputs[0].token_ids),
+            o.outputs[0].finish_reason == "length",
+            tuple(o.outputs[0].token_ids),
         )
         for o in outputs
     ]

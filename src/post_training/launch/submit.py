@@ -597,8 +597,10 @@ def generate_sft(
     env: Mapping[str, str] | None = None,
     sbatch_options: Sequence[str] = (),
     argv: Sequence[str] | None = None,
+    module: str = "post_training.train_sft",
 ) -> Path | None:
-    """The ``main`` of an SFT template: write its submit.sh (or print it with ``--dry-run``)."""
+    """The ``main`` of an SFT template (or, with ``module``, of another training entrypoint's:
+    ``post_training.train_online``): write its submit.sh (or print it with ``--dry-run``)."""
     args = _cli(f"Generate submit.sh for the SFT sweep in {template_file}.", argv)
     check_time(time)
     runs = sft_runs(
@@ -611,6 +613,7 @@ def generate_sft(
         artifacts_subdir=artifacts_subdir,
         overrides=overrides,
         short_names=short_names,
+        module=module,
     )
     return _emit(template_file, prefix, runs, time, args, env, sbatch_options)
 
@@ -748,6 +751,7 @@ def generate_alignment(
         artifacts_subdir=artifacts_subdir,
         overrides=overrides,
         short_names=short_names,
+        module=module,
     )
     return _emit(template_file, prefix, runs, time, args, env, sbatch_options)
 

@@ -16,13 +16,19 @@ from post_training.schema.sections import (
     Setup,
     TorchDtype,
 )
-from post_training.schema.trainers import PreferenceTrainers, RewardTrainer, SFTTrainers
+from post_training.schema.trainers import (
+    OnlineTrainers,
+    PreferenceTrainers,
+    RewardTrainer,
+    SFTTrainers,
+)
 from post_training.schema.training import (
     Evaluation,
     HarnessBatchSize,
     HarnessLimit,
     PreferenceTrainingArgs,
     SFTTrainingArgs,
+    TrainingArgs,
 )
 
 
@@ -113,6 +119,32 @@ class TrainReward(Setup):
             raise ValueError(
                 "dataset.unpair=true with train_reward: a reward model learns from pairs"
             )
+        return self
+
+
+class OnlineGeneration(Section):
+    temperature: float = Field(gt=0, description="sampling temperature")
+    top_p: float = Field(gt=0, le=1, description="nucleus sampling mass")
+    top_k: NonNegativeInt = Field(description="top-k sampling (0: off)")
+    max_new_tokens: PositiveInt = Field(description="completion length (Dr. GRPO's constant)")
+    batch_size: PositiveInt = Field(description="prompts per generate call")
+
+
+class TrainOnline(Setup):
+    model: Model
+    dataset: Dataset
+    data: DataOptions
+    trainer: OnlineTrainers
+    accelerate: Accelerate
+    model_args: ModelArgs
+    training_args: TrainingArgs
+    generation: OnlineGeneration
+    evaluation: PreferenceEvaluation
+
+    @model_validator(mode="after")
+    def _no_quantized_reference(self) -> TrainOnline:
+        if self.model_args.load_in_4bit and not self.model_args.use_peft:
+            raise ValueError("model_args.load_in_4bit (QLoRA) needs model_args.use_peft=true")
         return self
 
 
@@ -347,6 +379,7 @@ SCHEMAS: dict[str, type[Setup]] = {
     "train_sft": TrainSFT,
     "train_preference": TrainPreference,
     "train_reward": TrainReward,
+    "train_online": TrainOnline,
     "evaluate": Evaluate,
     "model_merging": ModelMerging,
     "dataset_mixture": DatasetMixture,
@@ -365,6 +398,7 @@ CONFIG_NAMES: dict[str, str] = {
     "train_sft": "train-sft",
     "train_preference": "train-preference",
     "train_reward": "train-reward",
+    "train_online": "train-online",
     "evaluate": "evaluate",
     "model_merging": "model-merging",
     "dataset_mixture": "dataset-mixture",

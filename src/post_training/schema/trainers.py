@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from post_training.losses import dpo
 from post_training.losses.cpo import check_cpo_options
@@ -148,6 +148,69 @@ class RewardTrainer(Section):
     )
 
 
+class RewardSpec(Section):
+    """One weighted reward of ``train_online``: a function, or a reward model."""
+
+    function: str | None = Field(
+        description="a registered reward (exact_match, tiny_task_partial, ...) or pkg.mod:fn"
+    )
+    module: str | None = Field(default=None, description="module to import (registrations)")
+    model: dict | None = Field(
+        default=None,
+        description="a one-label sequence classifier: {model_name_or_path, chat_template, ...}",
+    )
+    weight: float = Field(default=1.0, description="weight in the total reward")
+    name: str | None = Field(default=None, description="metric name (default: the function)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardSpec:
+        if (self.function is None) == (self.model is None):
+            raise ValueError("give exactly one of function and model")
+        if self.model is not None and not self.model.get("model_name_or_path"):
+            raise ValueError("model needs model_name_or_path")
+        if self.function is not None:  # a name that resolves to nothing: before any run dir
+            from post_training.data_alignment.rewards import resolve_reward_function
+
+            resolve_reward_function(self.function, self.module)
+        return self
+
+
+class OnlineTrainerBase(Section):
+    num_generations: PositiveInt = Field(description="completions sampled per prompt (a group)")
+    num_iterations: PositiveInt = Field(description="optimizer steps per generation batch (μ)")
+    epsilon: float = Field(gt=0, lt=1, description="clip range below (and above, unless set)")
+    epsilon_high: float | None = Field(gt=0, description="clip range above (DAPO's clip-higher)")
+    beta: float = Field(ge=0, description="KL coefficient against the reference (k3 estimator)")
+    scale_rewards: Literal["group", "none"] = Field(
+        description="advantages divided by the group's reward std (group) or not (none)"
+    )
+    rewards: list[RewardSpec] = Field(min_length=1, description="weighted rewards")
+
+
+class GRPOTrainer(OnlineTrainerBase):
+    name: Literal["grpo"] = Field(description="group relative policy optimisation")
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "gspo"] = Field(
+        description="normaliser / ratio: grpo, dapo, dr_grpo, gspo (sequence-level ratio)"
+    )
+
+    @model_validator(mode="after")
+    def _groups(self) -> GRPOTrainer:
+        if self.num_generations < 2:
+            raise ValueError("num_generations must be at least 2 (advantages within a group)")
+        return self
+
+
+class RLOOTrainer(OnlineTrainerBase):
+    name: Literal["rloo"] = Field(description="REINFORCE leave-one-out (KL in the reward)")
+
+    @model_validator(mode="after")
+    def _groups(self) -> RLOOTrainer:
+        if self.num_generations < 2:
+            raise ValueError("num_generations must be at least 2 (the leave-one-out baseline)")
+        return self
+
+
+OnlineTrainers = Annotated[GRPOTrainer | RLOOTrainer, Field(discriminator="name")]
 SFTTrainers = Annotated[
     SFTTrainer | PLWTrainer | LNPLWTrainer | IRLTrainer, Field(discriminator="name")
 ]

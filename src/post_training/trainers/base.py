@@ -197,6 +197,15 @@ class Trainer(ABC):
         """Logged metrics from summed metrics and counts (default: none beyond the loss)."""
         return {}
 
+    def save_extra_state(self, directory: Path) -> None:
+        """Per-rank state of the trainer beyond accelerate's, written into the checkpoint being
+        saved on every rank (default: none)."""
+
+    def load_extra_state(self, directory: Path, step: int) -> str | None:
+        """Restore :meth:`save_extra_state` from the checkpoint of ``step``; a problem (one
+        line) or None."""
+        return None
+
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """The batch of a micro-batch's examples (default: one per row, right-padded)."""
         return pad_collate(examples, self.tokenizer.pad_token_id)
@@ -598,6 +607,7 @@ class Trainer(ABC):
             ckpt.remove_stale_temporaries(root)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp))
+        self.save_extra_state(tmp)
         failpoint("checkpoint-saved-state", self.state.global_step)
         if self.accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2) + "\n")
@@ -659,6 +669,9 @@ class Trainer(ABC):
         except Exception as error:  # a damaged file: fall back to the previous checkpoint
             first = str(error).splitlines()[0] if str(error) else ""
             return f"failed to load ({type(error).__name__}: {first})"
+        problem = self.load_extra_state(path, state.global_step)
+        if problem is not None:
+            return problem
         self.state = state
         log.info("Resumed at step %d from %s", self.state.global_step, path)
         return None
