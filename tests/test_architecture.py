@@ -46,6 +46,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("trainers",),  # the training loop and its loss-family subclasses
     # pipelines over the above; a run's plots; the --help listing
     ("data_alignment", "exact_match", "model_merging", "harness", "report", "config_help"),
+    ("online",),  # online RL: the alignment pipeline's sampling and rewards + the loop
     ("assets",),  # task code that lm-eval loads by path (assets/tiny-tasks/lm-eval/utils.py)
     ("frame",),  # the run frame shared by the training entrypoints
     (
@@ -57,6 +58,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "train_sft",
         "train_preference",
         "train_reward",
+        "train_online",
     ),
     ("submit",),  # one run to SLURM: the CLI over launch/submit
 )

@@ -34,7 +34,8 @@ def compose_cfg(overrides: list[str], name: str = "train-sft"):
 def test_every_group_choice_composes_and_resolves(group: str, choice: str, tmp_path: Path) -> None:
     entrypoints = {"dpo": "train-preference", "qrpo": "train-preference",
                    "cpo": "train-preference", "kto": "train-preference",
-                   "reward": "train-reward"}  # fmt: skip
+                   "reward": "train-reward", "grpo": "train-online",
+                   "rloo": "train-online"}  # fmt: skip
     name = entrypoints.get(choice, "train-sft") if group == "trainer" else "train-sft"
     cfg = compose_cfg([f"{group}={choice}", f"artifacts_dir={tmp_path}"], name)
     resolved = to_container(cfg)

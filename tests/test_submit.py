@@ -448,5 +448,5 @@ def test_online_template_writes_train_online_runs(
     assert "post_training.train_online" in words
     assert "training_args.gradient_accumulation_steps=2" in words  # 8 prompts / (1 × 1 × 4)
     monkeypatch.setitem(template.HYPERPARAMETERS, "trainer.loss_type", ["ppo"])
-    with pytest.raises(submit.SubmitError, match="trainer.loss_type"):
+    with pytest.raises(submit.SubmitError, match=r"trainer\.loss_type"):
         template.main(["--dry-run"])

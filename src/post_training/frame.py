@@ -182,7 +182,7 @@ class Frame:
         return self.run.config
 
 
-def begin(cfg: DictConfig) -> Frame:
+def begin(cfg: DictConfig, check: Callable[[Any], None] | None = None) -> Frame:
     """Lock the resume target, validate, then accelerator and seed, run dir (+ the checkpoint
     to resume from), tokenizer. The lock comes first, before torch is even imported, so that a
     second launch of a running job exits within a second or two (exit 73,
@@ -198,6 +198,8 @@ def begin(cfg: DictConfig) -> Frame:
     if resolved is not None:
         lock_resume_target(resolved, only_if_exists=True)
     args = validate(cfg)
+    if check is not None:  # the entrypoint's own rules on the typed config, before any write
+        check(args)
 
     from accelerate.utils import set_seed
 

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def load_prompts(frame: Frame) -> list[dict[str, Any]]:
     """The training prompts: ``{"input_ids", "row"}`` per kept row (``row``: the alignment row
     with ``id``, ``prompt`` messages and ``answer``)."""
-    from post_training.data_alignment.filter_dataset_for_model import filter_rows, read_rows
+    from post_training.data_alignment.rows import filter_rows, read_rows
     from post_training.data_alignment.stage import chat_encoder, prompt_ids
     from post_training.errors import DataError
 
@@ -52,11 +52,27 @@ def load_prompts(frame: Frame) -> list[dict[str, Any]]:
     ]
 
 
+def check_rewards(args: Any) -> None:
+    """Each ``trainer.rewards`` function resolves (a registered name or ``pkg.mod:fn``): a
+    ConfigError naming the entry otherwise."""
+    from post_training.data_alignment.rewards import resolve_reward_function
+    from post_training.errors import ConfigError
+
+    for i, spec in enumerate(args.trainer.rewards):
+        if spec.function is not None:
+            try:
+                resolve_reward_function(spec.function, spec.module)
+            except ConfigError as error:
+                raise ConfigError(f"trainer.rewards[{i}].function: {error}") from None
+
+
 def run(cfg: DictConfig) -> int:
     """Train and evaluate; returns the process exit code."""
-    frame = begin(cfg)  # before torch is imported: a duplicate launch exits at once (exit 73)
+    # before torch is imported: a duplicate launch exits at once (exit 73); the reward names
+    # are resolved right after validation, before the run dir is written
+    frame = begin(cfg, check=check_rewards)
     from post_training.data_sft.training_data import read_eval_rows
-    from post_training.trainers.online import OnlineTrainer
+    from post_training.online.trainer import OnlineTrainer
 
     prompts = load_prompts(frame)
     evaluation = frame.config["evaluation"]

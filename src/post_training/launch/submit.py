@@ -751,7 +751,6 @@ def generate_alignment(
         artifacts_subdir=artifacts_subdir,
         overrides=overrides,
         short_names=short_names,
-        module=module,
     )
     return _emit(template_file, prefix, runs, time, args, env, sbatch_options)
 

@@ -168,10 +168,6 @@ class RewardSpec(Section):
             raise ValueError("give exactly one of function and model")
         if self.model is not None and not self.model.get("model_name_or_path"):
             raise ValueError("model needs model_name_or_path")
-        if self.function is not None:  # a name that resolves to nothing: before any run dir
-            from post_training.data_alignment.rewards import resolve_reward_function
-
-            resolve_reward_function(self.function, self.module)
         return self
 
 

@@ -200,6 +200,7 @@ class Trainer(ABC):
     def save_extra_state(self, directory: Path) -> None:
         """Per-rank state of the trainer beyond accelerate's, written into the checkpoint being
         saved on every rank (default: none)."""
+        return None
 
     def load_extra_state(self, directory: Path, step: int) -> str | None:
         """Restore :meth:`save_extra_state` from the checkpoint of ``step``; a problem (one
