@@ -85,6 +85,9 @@ def test_grpo_accumulation_and_ranks_train_the_same_weights(start, tmp_path: Pat
 def test_grpo_resumes_bit_identical_inside_a_generation_batch(start, tmp_path: Path) -> None:
     args = [*COMMON, *start, "training_args.max_steps=4", "training_args.save_steps=3",
             "trainer.num_iterations=2", "trainer.loss_type=dapo", "trainer.beta=0.05",
+            "trainer.epsilon_high=0.28",
+            "trainer.rewards=[{function: exact_match, weight: 1.0}, "
+            "{function: tiny_task_partial, weight: 0.5}]",
             "training_args.per_device_train_batch_size=2",
             "training_args.gradient_accumulation_steps=1"]  # fmt: skip
     run_entrypoint("train_online", [*args, "job_subdir=straight"], tmp_path)

@@ -76,6 +76,19 @@ COMMANDS: dict[str, Check] = {
     "reward.model.model_name_or_path=<reward run>/final-model": Check(
         "covered", "test_e2e_reward.py::reward.model.model_name_or_path="
     ),
+    ".venv/bin/python -m post_training.train_online trainer=grpo "
+    "model.model_name_or_path=<sft>/final-model model.init_from_config=false": Check(
+        "covered", "test_e2e_online.py::model.init_from_config"
+    ),
+    ".venv/bin/python -m post_training.train_online trainer=rloo "
+    "model.model_name_or_path=<sft>/final-model model.init_from_config=false": Check(
+        "covered", "test_e2e_online.py::trainer=rloo"
+    ),
+    ".venv/bin/python -m post_training.train_online trainer.loss_type=dapo "
+    "trainer.epsilon_high=0.28 'trainer.rewards=[{function: exact_match, weight: 1.0}, "
+    "{function: tiny_task_partial, weight: 0.5}]'": Check(
+        "covered", "test_e2e_online.py::trainer.epsilon_high=0.28"
+    ),
     "bash reproducibility-scripts/alignment/tiny-end-to-end/run.sh": Check(
         "covered", "test_e2e_alignment.py::tiny-end-to-end/run.sh"
     ),
@@ -88,8 +101,12 @@ COMMANDS: dict[str, Check] = {
     "model_merging.model_parameters.density=0.4 job_subdir=sft-dpo": Check(
         "covered", "test_model_merging.py::model_merging=ties"
     ),
-    "nice -n 10 .venv/bin/python -m benchmarks.run --threads 1 --compile "
+    "nice -n 10 .venv/bin/python -m benchmarks.run sft-cpu dpo-cpu "
     "--json artifacts/benchmarks/run.json": Check(
+        "not_run", "~10 min; tests/test_benchmark_run.py runs it with --quick --threads 1"
+    ),
+    "nice -n 10 .venv/bin/python -m benchmarks.run --threads 1 --compile "
+    "--json artifacts/benchmarks/run-threads1.json": Check(
         "not_run", "~15 min; tests/test_benchmark_run.py runs it with --quick --threads 1"
     ),
     ".venv/bin/python -m benchmarks.data_prep --num-examples 20000 --repeats 3 "
