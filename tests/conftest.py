@@ -127,6 +127,24 @@ def run_entrypoint(
     return proc
 
 
+def run_two_ranks(
+    module: str, overrides: Sequence[str], artifacts: Path, port: int, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
+    """``post_training.<module>`` launched on two CPU ranks (``accelerate launch --multi_gpu``:
+    gloo DDP), one thread each, on ``port``; asserts it exits 0."""
+    env = {**os.environ, "POST_TRAINING_ARTIFACTS_DIR": str(artifacts), "OMP_NUM_THREADS": "1"}
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port), "-m", f"post_training.{module}",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [*launch, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc
+
+
 def start_entrypoint(
     module: str, overrides: Sequence[str], artifacts: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen:

@@ -4,21 +4,18 @@ same weights, bit-identical resume, and a paired file without ``dataset.unpair``
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from .conftest import (
-    REPO,
     final_weights,
     read_metrics,
     run_dirs,
     run_entrypoint,
     run_killed_at,
+    run_two_ranks,
 )
 
 pytestmark = pytest.mark.e2e
@@ -49,20 +46,15 @@ def test_kto_window_kl_accumulation_and_ranks_are_exact(start: list[str], tmp_pa
              f"training_args.gradient_accumulation_steps={k}"],
             tmp_path,
         )  # fmt: skip
-    env = {**os.environ, "POST_TRAINING_ARTIFACTS_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", "29531", "-m", "post_training.train_preference",
-    ]  # fmt: skip
-    proc = subprocess.run(
-        [*launch, *COMMON, *start, "job_subdir=ranks",
+    run_two_ranks(
+        "train_preference",
+        [*COMMON, *start, "job_subdir=ranks",
          "training_args.per_device_train_batch_size=8",
          "training_args.gradient_accumulation_steps=1",
          f"data.cache_dir={tmp_path / 'cache-ranks'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        tmp_path,
+        port=29531,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-5000:]
 
     (run,) = run_dirs(tmp_path, "acc1", "train_preference")
     log = (run / "train_preference.log").read_text()

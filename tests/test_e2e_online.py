@@ -5,21 +5,18 @@ KL reward runs and logs what the issue lists; bad reward names are one line."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from .conftest import (
-    REPO,
     final_weights,
     read_metrics,
     run_dirs,
     run_entrypoint,
     run_killed_at,
+    run_two_ranks,
 )
 from .test_config_errors import written_by_us
 
@@ -46,19 +43,13 @@ def test_grpo_accumulation_and_ranks_train_the_same_weights(start, tmp_path: Pat
              f"training_args.gradient_accumulation_steps={k}"],
             tmp_path,
         )  # fmt: skip
-    env = {**os.environ, "POST_TRAINING_ARTIFACTS_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", "29541", "-m", "post_training.train_online",
-    ]  # fmt: skip
-    proc = subprocess.run(
-        [*launch, *COMMON, *start, "job_subdir=ranks",
-         "training_args.per_device_train_batch_size=2",
+    run_two_ranks(
+        "train_online",
+        [*COMMON, *start, "job_subdir=ranks", "training_args.per_device_train_batch_size=2",
          "training_args.gradient_accumulation_steps=1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        tmp_path,
+        port=29541,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-5000:]
 
     (run,) = run_dirs(tmp_path, "acc1", "train_online")
     train = [m for m in read_metrics(run) if "loss" in m]

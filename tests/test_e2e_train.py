@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,12 +15,12 @@ from post_training.utils.signals import EXIT_CODE_STOPPED
 
 from .conftest import (
     QUICK,
-    REPO,
     final_weights,
     job_dir,
     read_metrics,
     run_dirs,
     run_entrypoint,
+    run_two_ranks,
     save_initial_model,
     start_entrypoint,
 )
@@ -185,18 +182,13 @@ def test_two_processes_equal_one_process_with_twice_the_batch(artifacts: Path) -
         [*base, "job_subdir=one", "training_args.per_device_train_batch_size=16"],
         artifacts,
     )
-    env = {**os.environ, "POST_TRAINING_ARTIFACTS_DIR": str(artifacts), "OMP_NUM_THREADS": "1"}
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", "29517", "-m", "post_training.train_sft",
-    ]  # fmt: skip
-    proc = subprocess.run(
-        [*launch, *base, "job_subdir=two", "training_args.per_device_train_batch_size=8",
+    run_two_ranks(
+        "train_sft",
+        [*base, "job_subdir=two", "training_args.per_device_train_batch_size=8",
          f"data.cache_dir={artifacts / 'cache-two'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        artifacts,
+        port=29517,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-5000:]
     (run_dir,) = run_dirs(artifacts, "two")
     assert (run_dir / "rank-1").is_dir(), "rank 1's Hydra dir is folded into the shared run dir"
     # Only the main process tokenized; rank 1 waited and read the cache it wrote.

@@ -118,10 +118,11 @@ class OnlineTrainer(Trainer):
         trainer = ctx.config.trainer
         self.iterations = int(trainer.num_iterations)
         super().__init__(ctx)
-        if sharding(self.accelerator):
+        sharded = sharding(self.accelerator)
+        if sharded:
             raise ConfigError(
-                f"train_online samples with the policy on each rank: not under "
-                f"{sharding(self.accelerator)} (use DDP, ZeRO-1 or ZeRO-2)"
+                f"train_online samples with the policy on each rank: not under {sharded} "
+                "(use DDP, ZeRO-1 or ZeRO-2)"
             )
         self.section = trainer
         self.variant = "rloo" if trainer.name == "rloo" else str(trainer.loss_type)

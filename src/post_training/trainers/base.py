@@ -690,7 +690,7 @@ class Trainer(ABC):
                     self.config.model.model_dump(),
                     str(adapter),
                     self.tokenizer,
-                    reward_head=str(task) in ("SEQ_CLS", "TaskType.SEQ_CLS"),
+                    reward_head=task == "SEQ_CLS",  # a str enum (TaskType) or a str
                 )
             else:
                 merged = peft_model.merge_and_unload()

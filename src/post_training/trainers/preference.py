@@ -117,10 +117,11 @@ class PreferenceTrainer(Trainer):
         self.reference.prepare(self.accelerator)
         self._ref_cache: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
         if self.loss.sync_ref_model:
-            if sharding(self.accelerator):
+            sharded = sharding(self.accelerator)
+            if sharded:
                 raise ConfigError(
                     "trainer.sync_ref_model=true (TR-DPO) needs whole parameters on every rank: "
-                    f"not under {sharding(self.accelerator)} (use DDP, ZeRO-1 or ZeRO-2)"
+                    f"not under {sharded} (use DDP, ZeRO-1 or ZeRO-2)"
                 )
             assert self.reference.model is not None, "TR-DPO needs the frozen reference model"
             self.accelerator.register_for_checkpointing(self.reference.model)
