@@ -359,17 +359,16 @@ def summarise_row(variant: str, arms: dict[str, list[dict[str, Any]]], peak: flo
     row: dict[str, Any] = {"variant": variant}
     for impl, windows in arms.items():
         row[impl] = arm_summary(windows, peak, basis)
-    row["ratio"] = ratios(row["ours"], row["trl"])
-    row["ratio_median"] = ratios(row["ours"]["median"], row["trl"]["median"])
-    if "compiled" in row:  # compiled / eager, both ours
-        row["ratio_compiled"] = ratios(row["compiled"], row["ours"])
-        row["ratio_compiled_median"] = ratios(row["compiled"]["median"], row["ours"]["median"])
-    if "unpacked" in row:  # several pairs per row / one pair per row, both ours
-        row["ratio_packed"] = ratios(row["ours"], row["unpacked"])
-        row["ratio_packed_median"] = ratios(row["ours"]["median"], row["unpacked"]["median"])
-    if "plain" in row:
-        row["ratio_plain"] = ratios(row["ours"], row["plain"])
-        row["ratio_plain_median"] = ratios(row["ours"]["median"], row["plain"]["median"])
+    comparisons = {  # ratio key: (numerator arm, denominator arm)
+        "ratio": ("ours", "trl"),
+        "ratio_compiled": ("compiled", "ours"),  # compiled / eager, both ours
+        "ratio_packed": ("ours", "unpacked"),  # several pairs per row / one, both ours
+        "ratio_plain": ("ours", "plain"),
+    }
+    for key, (top, bottom) in comparisons.items():
+        if top in row and bottom in row:
+            row[key] = ratios(row[top], row[bottom])
+            row[f"{key}_median"] = ratios(row[top]["median"], row[bottom]["median"])
     row["ratio_basis"] = basis
     row["ratio_from"] = describe_basis(basis, arms)
     return row

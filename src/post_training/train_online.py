@@ -31,9 +31,7 @@ def load_prompts(frame: Frame) -> list[dict[str, Any]]:
 
     config = frame.config
     with frame.accelerator.main_process_first():
-        rows = read_rows(config["dataset"], "train")
-    limit = config["dataset"].get("max_train_examples")
-    rows = rows[: int(limit)] if limit else rows
+        rows = read_rows(config["dataset"], "train")  # dataset.max_train_examples applied
     encoder = chat_encoder(config, frame.tokenizer)
     max_new = int(config["generation"]["max_new_tokens"])
     kept, report = filter_rows(rows, encoder, encoder.options.max_seq_length - max_new, max_new)

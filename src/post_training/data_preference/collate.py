@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from post_training.data_sft.collate import pad_collate
-from post_training.data_sft.packing import best_fit_decreasing
-from post_training.losses.constants import IGNORE_INDEX
+from post_training.data_sft.packing import pack_examples
 
 TOKEN_KEYS = ("input_ids", "labels", "prompt_mask", "completion_mask", "position_ids")
 
@@ -36,16 +35,8 @@ def pair_collate(
     if capacity is None:
         return pad_collate(pairs, pad_token_id)
     lengths = [len(p["input_ids"]) for p in pairs]
-    bins = best_fit_decreasing(lengths, max(capacity, *lengths))
-    rows, order = [], []
-    for members in bins:
-        row = {key: np.concatenate([pairs[i][key] for i in members]) for key in TOKEN_KEYS}
-        starts = row["position_ids"] == 0  # no document is predicted from the one before it
-        row["labels"][starts] = IGNORE_INDEX
-        row["prompt_mask"][starts] = 0
-        row["completion_mask"][starts] = 0
-        rows.append(row)
-        order.extend(members)
+    rows, bins = pack_examples(pairs, max(capacity, *lengths))
+    order = [i for members in bins for i in members]
     batch = pad_collate(rows, pad_token_id)
     for key, value in pairs[0].items():
         if key not in TOKEN_KEYS and np.ndim(value) == 0:  # per-pair columns, in slot order

@@ -56,7 +56,8 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
 def pack_examples(
     examples: Sequence[dict[str, np.ndarray]], capacity: int
 ) -> tuple[list[dict[str, np.ndarray]], list[list[int]]]:
-    """Packed examples (with ``position_ids``) and the example indices in each."""
+    """Packed examples (with ``position_ids``) and the example indices in each. An example that
+    carries ``position_ids`` already (a preference pair: two documents) keeps them."""
     bins = best_fit_decreasing([len(e["input_ids"]) for e in examples], capacity)
     packed = []
     for members in bins:
@@ -65,7 +66,9 @@ def pack_examples(
             key: np.concatenate([d[key] for d in docs])
             for key in ("input_ids", "labels", "prompt_mask", "completion_mask")
         }
-        out["position_ids"] = np.concatenate([np.arange(len(d["input_ids"])) for d in docs])
+        out["position_ids"] = np.concatenate(
+            [d.get("position_ids", np.arange(len(d["input_ids"]))) for d in docs]
+        )
         starts = out["position_ids"] == 0
         out["labels"][starts] = IGNORE_INDEX
         out["prompt_mask"][starts] = 0

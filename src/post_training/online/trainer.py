@@ -38,6 +38,7 @@ from post_training.data_alignment.generation import Completion, SamplingOptions,
 from post_training.data_alignment.rewards import RewardModel, resolve_reward_function
 from post_training.data_sft.collate import pad_collate
 from post_training.errors import ConfigError
+from post_training.losses.logprobs import next_token_logps_and_lse, shift_labels
 from post_training.losses.online import (
     NORMALISERS,
     clipped_policy_loss,
@@ -94,21 +95,26 @@ def reward_sources(specs: Sequence[Mapping[str, Any]], device: torch.device) -> 
     return sources
 
 
-def per_token_entropy(
+@torch.no_grad()
+def sampled_token_stats(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], budget: int = 1 << 25
-) -> torch.Tensor:
-    """[B, T] entropy of the next-token distribution at each position, aligned like
-    :func:`sft_forward`'s outputs (position t: the distribution that predicts token t+1); rows
-    go through the model a few at a time, so at most ``budget`` logits exist at once."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] log-prob of each next token and entropy of the distribution that predicts it,
+    aligned like :func:`sft_forward`'s outputs (position t: token t+1; 0 where there is none),
+    from one forward; rows go through the model a few at a time, so at most ``budget`` logits
+    exist at once."""
     rows, length = batch["input_ids"].shape
     vocab = int(model.get_output_embeddings().weight.shape[0])
     step = max(1, budget // max(length * vocab, 1))
-    out = []
+    logps, entropy = [], []
     for start in range(0, rows, step):
         part = {k: v[start : start + step] for k, v in batch.items() if v.ndim == 2}
-        logp = torch.log_softmax(model(**model_inputs(part)).logits.float(), -1)
-        out.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(out)
+        logits = model(**model_inputs(part)).logits.float()
+        token_logps, lse, _ = next_token_logps_and_lse(logits, part["labels"])
+        logps.append(token_logps)
+        # H = lse − Σ_v p_v·z_v
+        entropy.append(lse - (torch.exp(logits - lse.unsqueeze(-1)) * logits).sum(-1))
+    return torch.cat(logps), torch.cat(entropy)
 
 
 class OnlineTrainer(Trainer):
@@ -172,16 +178,8 @@ class OnlineTrainer(Trainer):
         cycle = step // self.iterations
         if self._cache is not None and self._cache[0] == cycle:
             return self._cache[1]
-        indices = sorted(
-            self.global_batch_indices(step), key=lambda i: len(self.train_data[i]["input_ids"])
-        )
         epoch = cycle // self.steps_per_epoch
-        rank, size = self.accelerator.process_index, self.micro_batch
-        batches = []
-        for m in range(self.accumulation):
-            slot = m * self.world + rank
-            prompts = indices[slot * size : (slot + 1) * size]
-            batches.append(self._sample(prompts, epoch))
+        batches = [self._sample(prompts, epoch) for prompts in self.micro_batch_indices(step)]
         self._cache = (cycle, batches)
         self._reduce_extremes()
         return batches
@@ -224,18 +222,19 @@ class OnlineTrainer(Trainer):
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
             policy.eval()
-            out = sft_forward(policy, batch, self.args.loss_chunk_size)
-            batch["entropy"] = per_token_entropy(policy, batch)
+            sampling_logps, batch["entropy"] = sampled_token_stats(policy, batch)
             ref = self._reference_logps(policy, batch)
             policy.train(was_training)
         if ref is not None:
             batch["ref_logps"] = ref
         if self.iterations > 1:
-            batch["old_logps"] = out["logps"].detach()
-        rewards = total.to(device)
+            batch["old_logps"] = sampling_logps
+        batch["reward"] = total.to(device)
+        rewards = batch["reward"]
         if self.variant == "rloo" and ref is not None:
+            completion = shift_labels(batch["completion_mask"], 0)
             rewards = rloo_rewards(
-                rewards, out["logps"].double(), ref.double(), out["completion"], self.beta
+                rewards, sampling_logps.double(), ref.double(), completion, self.beta
             )
         batch["advantages"] = group_advantages(
             rewards.double(),
@@ -243,7 +242,6 @@ class OnlineTrainer(Trainer):
             str(self.section.scale_rewards),
             leave_one_out=self.variant == "rloo",
         )
-        batch["reward"] = total.to(device)
         for name, values in per_source.items():
             batch[f"reward/{name}"] = values.to(device)
         lengths = torch.tensor([len(c.token_ids) for c in flat], dtype=torch.float64)
@@ -286,10 +284,9 @@ class OnlineTrainer(Trainer):
 
     # ------------------------------------------------------------------------------ loss
     def loss_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        completion = batch["completion_mask"].clone()
-        completion[:, 0] = 0
-        rows = torch.tensor(float(batch["input_ids"].shape[0]), device=completion.device)
-        return {"num_sequences": rows, "num_completion_tokens": completion.sum().double()}
+        predicted = batch["completion_mask"][:, 1:]  # the tokens some position predicts
+        rows = torch.tensor(float(batch["input_ids"].shape[0]), device=predicted.device)
+        return {"num_sequences": rows, "num_completion_tokens": predicted.sum().double()}
 
     def compute_loss(self, model, batch, counts):
         out = sft_forward(model, batch, self.args.loss_chunk_size)

@@ -296,17 +296,21 @@ class Trainer(ABC):
         pads to a tighter length and ranks get similar loads. The step's loss and gradient are
         unchanged: they are sums over the whole global batch divided by window-wide counts.
         """
+        batches = []
+        for indices in self.micro_batch_indices(step):
+            batch = self.collate([self.train_data[i] for i in indices])
+            batches.append({k: v.to(self.accelerator.device) for k, v in batch.items()})
+        return batches
+
+    def micro_batch_indices(self, step: int) -> list[list[int]]:
+        """The example indices of this rank's micro-batches of step ``step`` (see
+        :meth:`micro_batches`: the global batch sorted by length, slot m·W + r)."""
         indices = sorted(
             self.global_batch_indices(step), key=lambda i: len(self.train_data[i]["input_ids"])
         )
         rank, size = self.accelerator.process_index, self.micro_batch
-        batches = []
-        for m in range(self.accumulation):
-            slot = m * self.world + rank
-            examples = [self.train_data[i] for i in indices[slot * size : (slot + 1) * size]]
-            batch = self.collate(examples)
-            batches.append({k: v.to(self.accelerator.device) for k, v in batch.items()})
-        return batches
+        slots = [m * self.world + rank for m in range(self.accumulation)]
+        return [indices[slot * size : (slot + 1) * size] for slot in slots]
 
     def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         value = value.detach().to(self.accelerator.device, torch.float64)
