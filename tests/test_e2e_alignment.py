@@ -79,11 +79,18 @@ def test_tiny_alignment_chain_improves_on_the_sft_start(
         "training_args.learning_rate=5e-4",
         "training_args.logging_steps=5",
     ]
-    run_entrypoint("train_preference", dpo, artifacts)
+    proc_dpo = run_entrypoint("train_preference", dpo, artifacts)
     (final,) = job_dir(artifacts, "dpo", "train_preference").rglob("final-model")
     result["dpo_accuracy"] = json.loads((final / "eval-tiny-tasks.json").read_text())["accuracy"]
     (run_dir,) = run_dirs(artifacts, "dpo", "train_preference")
     assert "Reference log-probs: dataset" in (run_dir / "train_preference.log").read_text()
+    # the run compares itself with its start (the start's own eval file, same 400 examples)
+    final_metrics = [m for m in read_metrics(run_dir) if "eval_accuracy_start" in m][-1]
+    assert final_metrics["eval_accuracy_start"] == result["sft_accuracy"]
+    assert final_metrics["eval_accuracy_gain"] == pytest.approx(
+        result["dpo_accuracy"] - result["sft_accuracy"]
+    )
+    assert "at the start (" in proc_dpo.stdout
     last = _last_train_metrics(artifacts, "dpo", "private")
     assert all(key in last for key in PAIR_METRICS) and last["rewards/accuracies"] > 0.5
     print("tiny alignment chain", result)

@@ -95,6 +95,7 @@ def generation_accuracy(
         model.train(was_training)
     result: dict[str, Any] = {
         "num_examples": len(hits["all"]),
+        "max_new_tokens": max_new_tokens,
         "accuracy": sum(hits["all"]) / max(len(hits["all"]), 1),
         "per_task": {k[5:]: sum(v) / len(v) for k, v in sorted(hits.items()) if k != "all"},
         "samples": samples,
@@ -155,19 +156,73 @@ def evaluate_final_model(
     dtype: str,
     metrics: MetricsLogger,
     step: int,
+    start: tuple[Path, Path] | None = None,
 ) -> None:
     """End of training: score the saved final model (``evaluation.max_examples``,
-    ``max_new_tokens``, ``batch_size``) and log ``eval_accuracy`` (and per task) at ``step``."""
-    result = evaluate_checkpoint(
-        model_path,
-        dataset_cfg,
+    ``max_new_tokens``, ``batch_size``) and log ``eval_accuracy`` (and per task) at ``step``.
+
+    ``start = (start model dir, run dir)``: also the model training began from
+    (:func:`start_accuracy`), logged as ``eval_accuracy_start`` / ``eval_accuracy_gain`` and
+    printed beside the final one, so a run that made its model worse says so."""
+    options = (
         evaluation["max_examples"],
         int(evaluation["max_new_tokens"]),
         int(evaluation["batch_size"]),
         dtype,
     )
-    metrics.log(
-        {"eval_accuracy": result["accuracy"]}
-        | {f"eval_accuracy/{k}": v for k, v in result["per_task"].items()},
-        step,
+    result = evaluate_checkpoint(model_path, dataset_cfg, *options)
+    values = {"eval_accuracy": result["accuracy"]} | {
+        f"eval_accuracy/{k}": v for k, v in result["per_task"].items()
+    }
+    if start is not None:
+        before = start_accuracy(start[0], start[1], dataset_cfg, *options)
+        gain = result["accuracy"] - before["accuracy"]
+        values |= {"eval_accuracy_start": before["accuracy"], "eval_accuracy_gain": gain}
+        print(
+            f"Exact-match accuracy {result['accuracy']:.3f} after training, "
+            f"{before['accuracy']:.3f} at the start ({start[0]}): "
+            f"{'+' if gain >= 0 else ''}{gain:.3f}"
+            + ("" if gain > 0 else " (training did not improve it)"),
+            flush=True,
+        )
+    metrics.log(values, step)
+
+
+def start_accuracy(
+    start_model: Path,
+    run_dir: Path,
+    dataset_cfg: dict[str, Any],
+    max_examples: int | None,
+    max_new_tokens: int,
+    batch_size: int,
+    dtype: str,
+) -> dict[str, Any]:
+    """The exact match of the model a run started from: the start checkpoint's own
+    ``eval-<dataset>.json`` when it scored the same examples with the same ``max_new_tokens``
+    (e.g. written by the SFT run that saved it), else scored now and written to the run dir as
+    ``eval-start-<dataset>.json`` (never into the start checkpoint)."""
+    import json
+
+    expected = len(read_eval_rows(dataset_cfg))
+    if max_examples:
+        expected = min(expected, int(max_examples))
+    saved = default_output_file(start_model, dataset_cfg["name"])
+    if saved.is_file():
+        try:
+            result = json.loads(saved.read_text())
+        except (OSError, ValueError):
+            result = {}
+        if (
+            result.get("num_examples") == expected
+            and result.get("max_new_tokens") == max_new_tokens
+        ):
+            return result
+    return evaluate_checkpoint(
+        start_model,
+        dataset_cfg,
+        max_examples,
+        max_new_tokens,
+        batch_size,
+        dtype,
+        output_file=Path(run_dir) / f"eval-start-{dataset_cfg['name']}.json",
     )

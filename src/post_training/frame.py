@@ -315,6 +315,7 @@ def finish(
                     args.model.torch_dtype,
                     metrics,
                     outcome.state.global_step,
+                    start=start_model(run.config, run.run_dir),
                 )
             code = 0
     finally:
@@ -326,6 +327,16 @@ def finish(
         run_status.finish(code)  # before the report, which shows it
         write_run_report(run.run_dir)
     return code
+
+
+def start_model(config: Mapping[str, Any], run_dir: Any) -> tuple[Path, Path] | None:
+    """``(start checkpoint, run dir)`` when the run began from a saved model directory and
+    ``evaluation.compare_start`` is on (the end-of-run comparison); None otherwise."""
+    model = config["model"]
+    if model.get("init_from_config") or not config["evaluation"].get("compare_start", True):
+        return None
+    path = Path(str(model["model_name_or_path"]))
+    return (path, Path(run_dir)) if (path / "config.json").is_file() else None
 
 
 def write_run_report(run_dir: Any) -> None:

@@ -127,6 +127,11 @@ HarnessBatchSize = PositiveInt | Literal["auto"]
 
 class Evaluation(Section):
     at_end: bool = Field(description="exact-match accuracy of greedy generations at the end")
+    compare_start: bool = Field(
+        default=True,
+        description="with at_end, from a saved checkpoint (model.init_from_config=false): "
+        "also the start model's accuracy, printed and logged beside the final one",
+    )
     max_new_tokens: PositiveInt = Field(description="generation length")
     batch_size: PositiveInt = Field(description="prompts per generate call")
     max_examples: PositiveInt | None = Field(description="cap on evaluated examples")
