@@ -57,7 +57,9 @@ def test_start_accuracy_reuses_its_own_file_or_scores_into_the_run_dir(
     (start / "eval-tiny-tasks.json").unlink()
     again = start_accuracy(start, run_dir, DATASET, None, 16, 200, "float32")
     assert again["accuracy"] == saved["accuracy"] and again["per_task"] == saved["per_task"]
-    assert sorted(p.name for p in start.iterdir()) == sorted(n for n in before if n != "eval-tiny-tasks.json")
+    assert sorted(p.name for p in start.iterdir()) == sorted(
+        n for n in before if n != "eval-tiny-tasks.json"
+    )
 
 
 def test_start_model_only_for_a_saved_checkpoint_with_the_comparison_on(
