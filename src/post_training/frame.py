@@ -123,9 +123,10 @@ def entrypoint(
         def main(cfg: DictConfig) -> None:
             OmegaConf.set_struct(cfg, True)
             code = report_project_errors(checked, cfg)
-            from post_training.utils.distributed import leave_without_teardown
+            if "torch" in sys.modules:  # a launch refused before torch (a held job lock) exits now
+                from post_training.utils.distributed import leave_without_teardown
 
-            leave_without_teardown(code or 0)
+                leave_without_teardown(code or 0)
             if code:
                 sys.exit(code)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -121,8 +122,9 @@ def test_two_concurrent_launches_one_trains_the_other_exits_at_once(tmp_path: Pa
             assert time.monotonic() < deadline, "the first launch never saved a checkpoint"
             time.sleep(0.1)
         started = time.monotonic()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the first is not reaped yet
         second = subprocess.run(
-            [sys.executable, "-m", "post_training.train_sft", *args],
+            [sys.executable, "-X", "importtime", "-m", "post_training.train_sft", *args],
             cwd=REPO,
             env={**os.environ, "POST_TRAINING_ARTIFACTS_DIR": str(tmp_path)},
             capture_output=True,
@@ -130,13 +132,20 @@ def test_two_concurrent_launches_one_trains_the_other_exits_at_once(tmp_path: Pa
             timeout=60,
         )
         took = time.monotonic() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
         assert second.returncode == EXIT_CODE_LOCKED, second.stderr[-3000:]
+        # "At once": it refuses before importing torch, and spends under 5 CPU-seconds doing so
+        # (CPU time, not wall time: the first launch's training holds the cores meanwhile).
+        imported = {line.rsplit("|", 1)[-1].strip() for line in second.stderr.splitlines()}
+        assert "torch" not in imported and "transformers" not in imported
+        assert cpu < 5, f"the second launch used {cpu:.1f} s of CPU to exit ({took:.1f} s wall)"
         assert took < 5, f"the second launch took {took:.1f} s to exit"
         assert f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
         # Only Hydra's log of the refused launch: no frozen config, nothing in the job's dirs.
         runs = sorted((job_dir(tmp_path, "twice") / "runs").iterdir())
         assert [(r / "config.yaml").exists() for r in runs] == [True, False][: len(runs)]
-        print(f"the second launch exited {EXIT_CODE_LOCKED} in {took:.2f} s")
+        print(f"the second launch exited {EXIT_CODE_LOCKED} in {took:.2f} s ({cpu:.2f} s CPU)")
         time.sleep(1.0)  # the first launch keeps training and saving, untouched
         assert first.poll() is None
     finally:
