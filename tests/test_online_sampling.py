@@ -7,14 +7,13 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from post_training.data_alignment.generation import SamplingOptions, generate_hf
 from post_training.data_sft.collate import pad_collate
-from post_training.online.trainer import sampled_token_stats
+from post_training.online.trainer import sampled_example, sampled_token_stats
 from post_training.utils.config import asset_path
 
 SAMPLES = 1500
@@ -90,18 +89,8 @@ def test_scored_log_probs_and_entropy_equal_a_plain_forward(peaked) -> None:
     examples, spans = [], []
     for prompt, group in zip(prompts, completions, strict=True):
         for c in group:
-            tokens = np.array([*prompt, *c.token_ids], dtype=np.int64)
-            mask = np.zeros(len(tokens), dtype=np.int64)
-            mask[len(prompt) :] = 1
-            examples.append(
-                {
-                    "input_ids": tokens,
-                    "labels": tokens,
-                    "prompt_mask": 1 - mask,
-                    "completion_mask": mask,
-                }
-            )
-            spans.append((len(prompt), len(tokens)))
+            examples.append(sampled_example(prompt, c.token_ids))
+            spans.append((len(prompt), len(prompt) + len(c.token_ids)))
     batch = pad_collate(examples, tokenizer.pad_token_id)
     assert len({e["input_ids"].shape[0] for e in examples}) > 1  # right padding in the batch
     logps, entropy = sampled_token_stats(model, batch, budget=2 * 80 * batch["input_ids"].shape[1])

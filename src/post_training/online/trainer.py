@@ -95,6 +95,20 @@ def reward_sources(specs: Sequence[Mapping[str, Any]], device: torch.device) -> 
     return sources
 
 
+def sampled_example(prompt: Sequence[int], completion: Sequence[int]) -> dict[str, np.ndarray]:
+    """One sampled sequence as an SFT example: the prompt's ids then the completion's sampled
+    ids (its stop token included), only the completion trained on."""
+    tokens = np.array([*prompt, *completion], dtype=np.int64)
+    mask = np.zeros(len(tokens), dtype=np.int64)
+    mask[len(prompt) :] = 1
+    return {
+        "input_ids": tokens,
+        "labels": tokens.copy(),
+        "prompt_mask": 1 - mask,
+        "completion_mask": mask,
+    }
+
+
 @torch.no_grad()
 def sampled_token_stats(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], budget: int = 1 << 25
@@ -204,20 +218,11 @@ class OnlineTrainer(Trainer):
             s.name: torch.tensor(s.score(rows, texts), dtype=torch.float64) for s in self.rewards
         }
         total = sum(s.weight * per_source[s.name] for s in self.rewards)
-        examples = []
-        for p, group in zip(prompt_ids, completions, strict=True):
-            for c in group:
-                tokens = np.array([*p, *c.token_ids], dtype=np.int64)
-                completion = np.zeros(len(tokens), dtype=np.int64)
-                completion[len(p) :] = 1
-                examples.append(
-                    {
-                        "input_ids": tokens,
-                        "labels": tokens.copy(),
-                        "prompt_mask": 1 - completion,
-                        "completion_mask": completion,
-                    }
-                )
+        examples = [
+            sampled_example(p, c.token_ids)
+            for p, group in zip(prompt_ids, completions, strict=True)
+            for c in group
+        ]
         batch = pad_collate(examples, self.tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
