@@ -43,11 +43,11 @@ def test_start_accuracy_reuses_its_own_file_or_scores_into_the_run_dir(
     before = _snapshot(start)
 
     # the same 400 examples at 16 new tokens: the start's own result, nothing scored or written
-    assert start_accuracy(start, run_dir, DATASET, None, 16, 200, "float32") == saved
+    assert start_accuracy(start, run_dir, DATASET, 400, None, 16, 200, "float32") == saved
     assert not list(run_dir.iterdir())
 
     # another generation length, or fewer examples: scored now, written to the run dir only
-    shorter = start_accuracy(start, run_dir, DATASET, 100, 16, 200, "float32")
+    shorter = start_accuracy(start, run_dir, DATASET, 100, 100, 16, 200, "float32")
     assert shorter["num_examples"] == 100
     written = json.loads((run_dir / "eval-start-tiny-tasks.json").read_text())
     assert written["accuracy"] == shorter["accuracy"]
@@ -55,7 +55,7 @@ def test_start_accuracy_reuses_its_own_file_or_scores_into_the_run_dir(
 
     # no file at the start: scored, and equal to what the start's own evaluation found
     (start / "eval-tiny-tasks.json").unlink()
-    again = start_accuracy(start, run_dir, DATASET, None, 16, 200, "float32")
+    again = start_accuracy(start, run_dir, DATASET, 400, None, 16, 200, "float32")
     assert again["accuracy"] == saved["accuracy"] and again["per_task"] == saved["per_task"]
     assert sorted(p.name for p in start.iterdir()) == sorted(
         n for n in before if n != "eval-tiny-tasks.json"

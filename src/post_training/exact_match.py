@@ -175,7 +175,7 @@ def evaluate_final_model(
         f"eval_accuracy/{k}": v for k, v in result["per_task"].items()
     }
     if start is not None:
-        before = start_accuracy(start[0], start[1], dataset_cfg, *options)
+        before = start_accuracy(start[0], start[1], dataset_cfg, result["num_examples"], *options)
         gain = result["accuracy"] - before["accuracy"]
         values |= {"eval_accuracy_start": before["accuracy"], "eval_accuracy_gain": gain}
         print(
@@ -192,20 +192,19 @@ def start_accuracy(
     start_model: Path,
     run_dir: Path,
     dataset_cfg: dict[str, Any],
+    num_examples: int,
     max_examples: int | None,
     max_new_tokens: int,
     batch_size: int,
     dtype: str,
 ) -> dict[str, Any]:
     """The exact match of the model a run started from: the start checkpoint's own
-    ``eval-<dataset>.json`` when it scored the same examples with the same ``max_new_tokens``
-    (e.g. written by the SFT run that saved it), else scored now and written to the run dir as
-    ``eval-start-<dataset>.json`` (never into the start checkpoint)."""
+    ``eval-<dataset>.json`` when it scored the same ``num_examples`` (those the final model was
+    just scored on) with the same ``max_new_tokens`` (e.g. written by the SFT run that saved
+    it), else scored now and written to the run dir as ``eval-start-<dataset>.json`` (never into
+    the start checkpoint)."""
     import json
 
-    expected = len(read_eval_rows(dataset_cfg))
-    if max_examples:
-        expected = min(expected, int(max_examples))
     saved = default_output_file(start_model, dataset_cfg["name"])
     if saved.is_file():
         try:
@@ -213,7 +212,7 @@ def start_accuracy(
         except (OSError, ValueError):
             result = {}
         if (
-            result.get("num_examples") == expected
+            result.get("num_examples") == num_examples
             and result.get("max_new_tokens") == max_new_tokens
         ):
             return result
