@@ -95,11 +95,6 @@ def test_tiny_alignment_chain_improves_on_the_sft_start(
     assert all(key in last for key in PAIR_METRICS) and last["rewards/accuracies"] > 0.5
     print("tiny alignment chain", result)
     assert result["dpo_accuracy"] >= result["sft_accuracy"] + 0.015
-    if result["qrpo_accuracy"] < result["sft_accuracy"] + 0.01:
-        # Known defect, reproduced at the commit before the architecture issue on this machine
-        # (sft 0.2175, qrpo 0.2025): QRPO's defaults do not improve every start. The preference
-        # issue ("Preference training that helps") owns the fix; everything above still ran.
-        pytest.xfail(
-            f"QRPO {result['qrpo_accuracy']:.4f} does not beat its SFT start "
-            f"{result['sft_accuracy']:.4f} + 0.01 (open issue: preference training that helps)"
-        )
+    # QRPO at the script's settings (3 epochs, lr 1e-3): +0.025 to +0.033 over this start on
+    # seeds 42, 1 and 2 (measured 2026-12-06); one epoch left it within noise of the start.
+    assert result["qrpo_accuracy"] >= result["sft_accuracy"] + 0.01

@@ -4,6 +4,10 @@
 #   -> reference log-probs -> rewards (tiny-task partial credit) -> QRPO pairs (the task's answer
 #   vs the worst of the 4 completions; quantile rewards from the 4 completions' rewards)
 #   -> merge -> QRPO training on the precomputed columns -> held-out exact match vs the SFT start.
+# QRPO runs at beta 0.5 for 3 epochs at lr 1e-3: with TRL-like beta 0.1, beta*logZ is 0.77, so an
+# answer a reward model ranks at quantile 0.5 of the 4 completions is pushed DOWN by 2.7 nats (and
+# one epoch leaves the answer's log-ratio short of its target); at 0.5 every target is within
+# +-0.84 nats of the reference.
 #
 #   bash reproducibility-scripts/alignment/tiny-end-to-end/run.sh
 #
@@ -11,7 +15,7 @@
 # repo's .venv/bin/python when it exists, else the python on PATH),
 # NUM_PROMPTS (4000), SFT_STEPS (300), PARTITIONS (2), SFT_MODEL (skip SFT: use this checkpoint),
 # REWARD_MODEL (score completions with this reward model, e.g. a train_reward final-model/,
-# instead of the rule-based tiny_task_partial).
+# instead of the rule-based tiny_task_partial), SEED (42: QRPO's training seed).
 # Re-running resumes: finished partitions are skipped. Prints one JSON line of results last.
 set -euo pipefail
 
@@ -21,6 +25,7 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 NUM_PROMPTS=${NUM_PROMPTS:-4000}
 SFT_STEPS=${SFT_STEPS:-300}
+SEED=${SEED:-42}
 PARTITIONS=${PARTITIONS:-2}
 JOB=tiny-end-to-end
 COMMON=(wandb.mode=disabled tensorboard=false)
@@ -32,7 +37,7 @@ if [[ -z "${SFT_MODEL:-}" ]]; then
   "$PYTHON" -m post_training.train_sft "${COMMON[@]}" artifacts_subdir=tiny-end-to-end \
     job_subdir="$JOB-sft" resuming.resume=true training_args.num_train_epochs=null \
     "training_args.max_steps=${SFT_STEPS}" training_args.logging_steps=50
-  SFT_MODEL=$(find "${ARTIFACTS}/tiny-end-to-end/outputs/train_sft/$JOB-sft" -type d -name final-model | sort | tail -n 1)
+  SFT_MODEL=$(find "${ARTIFACTS}/tiny-end-to-end/outputs/train_sft/$JOB-sft" -type d -name final-model -printf '%T@ %p\n' | sort -n | tail -n 1 | cut -d' ' -f2-)
 fi
 REFERENCE=("model.model_name_or_path=${SFT_MODEL}" model.init_from_config=false)
 
@@ -55,12 +60,13 @@ fi
   stage=prepare_train_dataset
 
 "$PYTHON" -m post_training.train_preference "${COMMON[@]}" artifacts_subdir=tiny-end-to-end \
-  job_subdir="$JOB-qrpo" resuming.resume=true trainer=qrpo "${REFERENCE[@]}" \
+  job_subdir="$JOB-qrpo" resuming.resume=true trainer=qrpo "seed=${SEED}" "${REFERENCE[@]}" \
   dataset=alignment-prepared \
   "dataset.train.path=${ALIGNMENT_DIR}/prepare_train_dataset/merged/rows.jsonl" \
-  training_args.learning_rate=1e-3 training_args.logging_steps=5
+  trainer.beta=0.5 training_args.learning_rate=1e-3 training_args.num_train_epochs=3 \
+  training_args.logging_steps=5
 
-QRPO_MODEL=$(find "${ARTIFACTS}/tiny-end-to-end/outputs/train_preference/$JOB-qrpo" -type d -name final-model | sort | tail -n 1)
+QRPO_MODEL=$(find "${ARTIFACTS}/tiny-end-to-end/outputs/train_preference/$JOB-qrpo" -type d -name final-model -printf '%T@ %p\n' | sort -n | tail -n 1 | cut -d' ' -f2-)
 "$PYTHON" - "$SFT_MODEL" "$QRPO_MODEL" "$ALIGNMENT_DIR" <<'PY'
 import json, sys
 from pathlib import Path
