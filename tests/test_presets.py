@@ -220,7 +220,13 @@ def entry_config(preset: Preset) -> str:
 
 def test_every_preset_file_is_tested() -> None:
     files = {p.stem for p in (CONFIGS_DIR / "dataset").glob("*.yaml")}
-    project = {"tiny-tasks", "tiny-mixture", "tiny-pairs", "alignment-prepared"}
+    project = {
+        "tiny-tasks",
+        "tiny-mixture",
+        "tiny-pairs",
+        "tiny-pairs-mixture",
+        "alignment-prepared",
+    }
     assert files - project == set(BY_NAME)
 
 

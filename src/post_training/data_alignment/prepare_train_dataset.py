@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from post_training.data_alignment.partitions import read_stage
 from post_training.data_alignment.stage import begin, open_stage
 from post_training.data_preference.pairs import validate_pair
-from post_training.data_sft.mixing import plan_counts, sample_indices, source_rng
+from post_training.data_sft.mixing import SHUFFLE_STREAM, plan_counts, sample_indices, source_rng
 from post_training.errors import ConfigError, DataError
 from post_training.frame import entrypoint
 
@@ -231,7 +231,7 @@ def run(cfg: DictConfig) -> Path:
                 mixed += [pairs[i] for i in picked]
             report[spec["name"]]["selected"] = k
         if options.get("shuffle", True):
-            order = source_rng(seed, "\0shuffle").permutation(len(mixed))
+            order = source_rng(seed, SHUFFLE_STREAM).permutation(len(mixed))
             mixed = [mixed[i] for i in np.asarray(order)]
         if not mixed:
             raise DataError(f"{STAGE}: no pair was built ({report})")

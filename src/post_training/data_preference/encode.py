@@ -33,7 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from post_training.data_preference.pairs import PreferenceSource, load_preference_pairs
+from post_training.data_preference.pairs import (
+    PreferenceSource,
+    load_preference_pairs,
+    spec_label,
+)
 from post_training.data_preference.unpaired import kto_rows, load_unpaired_examples
 from post_training.data_sft.tokenize import ChatEncoder, FilterReport, make_example
 from post_training.errors import DataError
@@ -255,7 +259,7 @@ def load_preference_data(
         )
         report.total += sum(source.dropped.values())  # dropped before encoding (empty replies)
         report.dropped.update(source.dropped)
-        log.info(report.summary(f"{where} ({spec['path']})"))
+        log.info(report.summary(f"{where} ({spec_label(spec)})"))
         reports[split] = report.as_dict()
         for key in PAIR_SCALARS:
             present = [key in p for p in out[split]]

@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 
 from post_training.data_preference.transforms import PREFERENCE_TRANSFORMS, as_messages
-from post_training.data_sft.sources import load, resolve
+from post_training.data_sft.mixing import (
+    AMOUNT_KEYS,
+    SHUFFLE_STREAM,
+    parse_spec,
+    select_rows,
+    source_rng,
+)
+from post_training.data_sft.sources import load, resolve, source_name
 from post_training.data_sft.transforms import (
     FieldError,
     fields_present,
@@ -162,8 +169,63 @@ def transform_pair(
     return pair
 
 
+Loaded = tuple[list[dict[str, Any]], Locate, dict[str, int]]
+"""Items of a source, where each came from, and the rows dropped per reason."""
+
+
+def load_mixed(
+    spec: Mapping[str, Any], where: str, load_one: Callable[[Mapping[str, Any], str], Loaded]
+) -> Loaded:
+    """``load_one(spec, where)``, or for a mixture (``sources: [...]``, with ``seed``, ``total``,
+    ``upsample``, ``shuffle`` and per source ``weight`` / ``fraction`` / ``count``, as SFT
+    mixtures: :mod:`post_training.data_sft.mixing`) each source's items sampled from its own
+    stream, concatenated and shuffled; ``max_examples`` then keeps the first ones. A mixed item
+    is located as ``sources[i] '<name>': <file:line>``; the drop counts are summed."""
+    if "sources" not in spec:
+        return load_one(spec, where)
+    spec = dict(spec)
+    limit = spec.pop("max_examples", None)
+    mix = parse_spec(spec, where, (*SPEC_KEYS, *AMOUNT_KEYS))
+    wheres = [f"{where}.sources[{i}]" for i in range(len(mix.sources))]
+    loaded = [
+        load_one({k: v for k, v in src.items() if k not in AMOUNT_KEYS}, w)
+        for src, w in zip(mix.sources, wheres, strict=True)
+    ]
+    names = [source_name(src) for src in mix.sources]
+    selected = select_rows(mix, names, [len(items) for items, _, _ in loaded], wheres, where)
+    origin = [(i, int(j)) for i, indices in enumerate(selected) for j in indices]
+    if mix.shuffle:
+        order = source_rng(mix.seed, SHUFFLE_STREAM).permutation(len(origin))
+        origin = [origin[int(m)] for m in order]
+    if limit is not None:
+        origin = origin[: int(limit)]
+    if not origin:
+        raise DataError(f"{where}: the mixture selects no rows")
+    dropped: Counter[str] = Counter()
+    for _, _, counts in loaded:
+        dropped.update(counts)
+
+    def locate(m: int) -> str:
+        i, j = origin[m]
+        return f"sources[{i}] '{names[i]}': {loaded[i][1](j)}"
+
+    return [loaded[i][0][j] for i, j in origin], locate, dict(dropped)
+
+
+def spec_label(spec: Mapping[str, Any]) -> str:
+    """The path of a source spec, or ``mixture of <names>``."""
+    if "sources" in spec:
+        return "mixture of " + ", ".join(source_name(src) for src in spec["sources"])
+    return str(spec["path"])
+
+
 def load_preference_pairs(spec: Mapping[str, Any], where: str) -> PreferenceSource:
-    """Canonical, validated pairs of one source spec (see the module docstring)."""
+    """Canonical, validated pairs of one source spec, or of a mixture of sources (see the module
+    docstring and :func:`load_mixed`)."""
+    return PreferenceSource(*load_mixed(spec, where, _load_pair_source))
+
+
+def _load_pair_source(spec: Mapping[str, Any], where: str) -> Loaded:
     name = spec.get("transform") or "preference"
     try:
         if spec.get("transform_module"):
@@ -184,9 +246,7 @@ def load_preference_pairs(spec: Mapping[str, Any], where: str) -> PreferenceSour
             count = len(pair["ref_rewards"])
         return pair
 
-    return PreferenceSource(
-        *collect_rows(loaded.dataset, validate, locate, spec, where, "preference pairs")
-    )
+    return collect_rows(loaded.dataset, validate, locate, spec, where, "preference pairs")
 
 
 def collect_rows(

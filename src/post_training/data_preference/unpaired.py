@@ -29,6 +29,7 @@ from post_training.data_preference.pairs import (
     EmptyCompletion,
     Locate,
     collect_rows,
+    load_mixed,
     load_preference_pairs,
     row_locator,
 )
@@ -84,8 +85,17 @@ def _is_unpaired(row: Mapping[str, Any]) -> bool:
 
 
 def load_unpaired_examples(spec: Mapping[str, Any], where: str, unpair: bool) -> UnpairedSource:
-    """The examples of one source spec (see the module docstring). With ``unpair``, the rows
-    are preference pairs (any preference format or transform) and each gives two examples."""
+    """The examples of one source spec, or of a mixture of sources
+    (:func:`~post_training.data_preference.pairs.load_mixed`; see the module docstring). With
+    ``unpair``, the rows are preference pairs (any preference format or transform) and each
+    gives two examples."""
+    if "sources" in spec and not unpair:  # unpair: the pairs are mixed, then split
+
+        def load_one(one: Mapping[str, Any], at: str) -> tuple[list, Locate, dict[str, int]]:
+            source = load_unpaired_examples(one, at, unpair)
+            return source.examples, source.locate, source.dropped
+
+        return UnpairedSource(*load_mixed(spec, where, load_one))
     if unpair:
         source = load_preference_pairs(spec, where)
         examples = [

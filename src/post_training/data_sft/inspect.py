@@ -31,7 +31,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from post_training.data_preference.encode import PairReport, encode_pairs
-from post_training.data_preference.pairs import load_preference_pairs
+from post_training.data_preference.pairs import load_preference_pairs, spec_label
 from post_training.data_preference.transforms import PREFERENCE_TRANSFORMS
 from post_training.data_sft.dataset_config import dataset_specs, load_train_eval
 from post_training.data_sft.packing import pack_examples, packing_efficiency
@@ -171,11 +171,12 @@ def preference_samples(
     where = f"dataset.{split}"
     source = load_preference_pairs(spec, where)
     pairs = source.pairs
-    raw = None if source.dropped else load_source(spec)  # else pair i is not row i
+    mixed = "sources" in spec
+    raw = None if source.dropped or mixed else load_source(spec)  # else pair i is not row i
     max_prompt = int(config["model"]["max_seq_length"]) - 1
     color = sys.stdout.isatty()
     dropped = f", rows dropped: {source.dropped}" if source.dropped else ""
-    lines = [f"{len(pairs)} pairs in {where} ({spec['path']}{dropped})"]
+    lines = [f"{len(pairs)} pairs in {where} ({spec_label(spec)}{dropped})"]
     for i, pair in enumerate(pairs[:num_samples]):
         lines.append(f"=== {split} pair {i + 1} ({source.locate(i)}) ===")
         if raw is not None:

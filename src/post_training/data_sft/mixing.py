@@ -54,7 +54,8 @@ MIX_SOURCE_KEYS = (
 
 MIXTURE_KEYS = ("sources", "seed", "total", "upsample", "shuffle")
 AMOUNT_KEYS = ("weight", "fraction", "count")
-_SHUFFLE_STREAM = "\0shuffle"
+SHUFFLE_STREAM = "\0shuffle"
+"""The random stream that orders a mixture's rows."""
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,12 @@ def _check_keys(spec: Mapping[str, Any], allowed: Sequence[str], where: str) -> 
         raise ConfigError(f"{where}: unknown keys {unknown}; allowed: {', '.join(allowed)}")
 
 
-def _check_source(src: Any, where: str) -> dict[str, Any]:
+def _check_source(
+    src: Any, where: str, source_keys: Sequence[str] = MIX_SOURCE_KEYS
+) -> dict[str, Any]:
     if not isinstance(src, Mapping):
         raise ConfigError(f"{where}: a source must be a mapping with a 'path', got {src!r}")
-    _check_keys(src, (*SOURCE_KEYS, *MIX_SOURCE_KEYS), where)
+    _check_keys(src, (*SOURCE_KEYS, *source_keys), where)
     amounts = [k for k in AMOUNT_KEYS if src.get(k) is not None]
     if len(amounts) > 1:
         raise ConfigError(f"{where}: give at most one of {AMOUNT_KEYS}, got {amounts}")
@@ -96,8 +99,11 @@ def _check_source(src: Any, where: str) -> dict[str, Any]:
     return dict(src)
 
 
-def parse_spec(spec: Mapping[str, Any], where: str = "dataset") -> MixtureSpec:
-    """Validate a mixture spec, or a single source spec as a mixture of one."""
+def parse_spec(
+    spec: Mapping[str, Any], where: str = "dataset", source_keys: Sequence[str] = MIX_SOURCE_KEYS
+) -> MixtureSpec:
+    """Validate a mixture spec, or a single source spec as a mixture of one (``source_keys``:
+    the per-source keys allowed besides the loading keys)."""
     spec = plain(spec)
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{where}: expected a source or mixture mapping, got {spec!r}")
@@ -106,12 +112,14 @@ def parse_spec(spec: Mapping[str, Any], where: str = "dataset") -> MixtureSpec:
         raw = spec["sources"]
         if not isinstance(raw, list) or not raw:
             raise ConfigError(f"{where}.sources must be a non-empty list of sources")
-        sources = [_check_source(s, f"{where}.sources[{i}]") for i, s in enumerate(raw)]
+        sources = [
+            _check_source(s, f"{where}.sources[{i}]", source_keys) for i, s in enumerate(raw)
+        ]
         shuffle = spec.get("shuffle", True)
     else:
         single = {k: v for k, v in spec.items() if k not in MIXTURE_KEYS}
-        _check_keys(spec, (*SOURCE_KEYS, *MIX_SOURCE_KEYS, "seed", "upsample", "shuffle"), where)
-        sources = [_check_source(single, where)]
+        _check_keys(spec, (*SOURCE_KEYS, *source_keys, "seed", "upsample", "shuffle"), where)
+        sources = [_check_source(single, where, source_keys)]
         shuffle = spec.get("shuffle", False)
     seed = spec.get("seed")
     seed = 0 if seed is None else seed
@@ -232,6 +240,31 @@ def concat_canonical(parts: Sequence[Dataset], names: Sequence[str]) -> pa.Table
         raise DataError(f"cannot concatenate the sources: {err}") from None
 
 
+def select_rows(
+    mix: MixtureSpec,
+    names: Sequence[str],
+    available: Sequence[int],
+    wheres: Sequence[str],
+    where: str,
+) -> list[np.ndarray]:
+    """Per source, the indices of the rows it gives the mixture (its amount, drawn from its own
+    stream); several sources of one name, or a source asked for more rows than it has without
+    ``upsample``, are refused."""
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{where}: several sources are named {duplicates}; give each a 'name'")
+    counts = plan_counts(mix.sources, available, mix.total, where)
+    selected = []
+    for src, name, n, k, w in zip(mix.sources, names, available, counts, wheres, strict=True):
+        if k > n and not mix.upsample:
+            raise DataError(
+                f"{w} '{name}': {k} rows requested ({_describe(src)}) but it has {n}; "
+                "set upsample: true to repeat rows, or ask for fewer"
+            )
+        selected.append(sample_indices(n, k, source_rng(mix.seed, name)))
+    return selected
+
+
 def load_dataset_split(
     spec: Mapping[str, Any], where: str = "dataset"
 ) -> tuple[Dataset, dict[str, dict[str, Any]]]:
@@ -242,23 +275,16 @@ def load_dataset_split(
     wheres = [f"{where}.sources[{i}]" if multi else where for i in range(len(mix.sources))]
     loaded = [load(src, w) for src, w in zip(mix.sources, wheres, strict=True)]
     names = [s.name for s in loaded]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ConfigError(f"{where}: several sources are named {duplicates}; give each a 'name'")
     available = [len(s.dataset) for s in loaded]
-    counts = plan_counts(mix.sources, available, mix.total, where)
-    parts = []
-    for src, source, n, k, w in zip(mix.sources, loaded, available, counts, wheres, strict=True):
-        if k > n and not mix.upsample:
-            raise DataError(
-                f"{w} '{source.name}': {k} rows requested ({_describe(src)}) but it has {n}; "
-                "set upsample: true to repeat rows, or ask for fewer"
-            )
-        indices = sample_indices(n, k, source_rng(mix.seed, source.name))
-        parts.append(_transformed(source, src, indices, w))
+    selected = select_rows(mix, names, available, wheres, where)
+    counts = [len(indices) for indices in selected]
+    parts = [
+        _transformed(source, src, indices, w)
+        for src, source, indices, w in zip(mix.sources, loaded, selected, wheres, strict=True)
+    ]
     table = concat_canonical(parts, names)
     if mix.shuffle:
-        table = table.take(source_rng(mix.seed, _SHUFFLE_STREAM).permutation(table.num_rows))
+        table = table.take(source_rng(mix.seed, SHUFFLE_STREAM).permutation(table.num_rows))
     fingerprint = stable_hash([mix.__dict__, [s.fingerprint for s in loaded]])
     report = {
         source.name: {
