@@ -12,6 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from post_training.data_alignment.rows import read_rows
 from post_training.data_preference.pairs import load_preference_pairs, spec_label
 from post_training.data_preference.unpaired import load_unpaired_examples
 from post_training.errors import ConfigError, DataError
@@ -117,3 +118,19 @@ def test_the_tiny_pairs_mixture_preset_draws_eight_wrong_answers_per_prompt() ->
     assert len(rejected) == 8_000
     assert sum(len(r) >= 3 for r in rejected.values()) == 7_824
     assert [source.locate(i).split(" ")[0] for i in range(3)] != ["sources[0]"] * 3  # shuffled
+
+
+def test_the_alignment_stages_read_a_mixture_of_pair_sources(tmp_path: Path) -> None:
+    a, b = _pairs(tmp_path, "a", 4), _pairs(tmp_path, "b", 4)
+    dataset = {
+        "name": "mix",
+        "train": {
+            "sources": [
+                {"path": a, "transform": "preference", "count": 2},
+                {"path": b, "transform": "preference", "count": 3},
+            ]
+        },
+    }
+    rows = read_rows(dataset, "train")
+    assert [r["id"] for r in rows] == [f"train-{i}" for i in range(5)]
+    assert sorted(r["chosen"][0]["content"][0] for r in rows) == ["a", "a", "b", "b", "b"]

@@ -33,11 +33,21 @@ def split_spec(dataset_cfg: Mapping[str, Any], split: str) -> Any:
     return spec
 
 
+def _is_preference(spec: Any) -> bool:
+    """A source with a preference transform, or a mixture of such sources only."""
+    if not isinstance(spec, Mapping):
+        return False
+    if "sources" in spec:
+        sources = spec["sources"] or []
+        return bool(sources) and all(_is_preference(src) for src in sources)
+    return spec.get("transform") in PREFERENCE_TRANSFORMS
+
+
 def read_rows(dataset_cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
     """Canonical alignment rows of one split (see the module docstring)."""
     spec = split_spec(dataset_cfg, split)
     where = f"dataset.{split}"
-    if isinstance(spec, Mapping) and spec.get("transform") in PREFERENCE_TRANSFORMS:
+    if _is_preference(spec):
         spec = dict(spec)
         if dataset_cfg.get(f"max_{split}_examples"):
             spec["max_examples"] = dataset_cfg[f"max_{split}_examples"]
