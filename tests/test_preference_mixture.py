@@ -5,6 +5,7 @@ file and line; KTO mixes unpaired files, or pairs split after mixing."""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from omegaconf import OmegaConf
 from post_training.data_alignment.rows import read_rows
 from post_training.data_preference.pairs import load_preference_pairs, spec_label
 from post_training.data_preference.unpaired import load_unpaired_examples
+from post_training.data_sft import inspect as data_inspect
 from post_training.errors import ConfigError, DataError
 from post_training.frame import validate
 from post_training.utils.config import CONFIGS_DIR, register_resolvers
@@ -134,3 +136,16 @@ def test_the_alignment_stages_read_a_mixture_of_pair_sources(tmp_path: Path) -> 
     rows = read_rows(dataset, "train")
     assert [r["id"] for r in rows] == [f"train-{i}" for i in range(5)]
     assert sorted(r["chosen"][0]["content"][0] for r in rows) == ["a", "a", "b", "b", "b"]
+
+
+def test_data_inspect_shows_the_pairs_of_a_mixture(capsys: pytest.CaptureFixture[str]) -> None:
+    register_resolvers()
+    with initialize_config_dir(str(CONFIGS_DIR), version_base=None):
+        cfg = compose("data-inspect", overrides=["dataset=tiny-pairs-mixture", "num_samples=2"])
+    out = data_inspect.run(cfg)
+    assert out == capsys.readouterr().out.strip("\n")
+    assert out.startswith("64000 pairs in dataset.train (mixture of wrong-0, wrong-1, ")
+    headers = re.findall(
+        r"^=== train pair \d+ \(sources\[\d\] 'wrong-\d': .+:\d+\) ===$", out, re.M
+    )
+    assert len(headers) == 2 and out.count("--- chosen tokens") == 2

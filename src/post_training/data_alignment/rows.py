@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from post_training.data_alignment.stage import prompt_ids
-from post_training.data_preference.pairs import load_preference_rows
-from post_training.data_preference.transforms import PREFERENCE_TRANSFORMS
+from post_training.data_preference.pairs import is_preference_spec, load_preference_rows
 from post_training.data_sft.dataset_config import dataset_specs, load_train_eval
 from post_training.data_sft.tokenize import FilterReport
 from post_training.errors import ConfigError
@@ -33,21 +32,11 @@ def split_spec(dataset_cfg: Mapping[str, Any], split: str) -> Any:
     return spec
 
 
-def _is_preference(spec: Any) -> bool:
-    """A source with a preference transform, or a mixture of such sources only."""
-    if not isinstance(spec, Mapping):
-        return False
-    if "sources" in spec:
-        sources = spec["sources"] or []
-        return bool(sources) and all(_is_preference(src) for src in sources)
-    return spec.get("transform") in PREFERENCE_TRANSFORMS
-
-
 def read_rows(dataset_cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
     """Canonical alignment rows of one split (see the module docstring)."""
     spec = split_spec(dataset_cfg, split)
     where = f"dataset.{split}"
-    if _is_preference(spec):
+    if is_preference_spec(spec):
         spec = dict(spec)
         if dataset_cfg.get(f"max_{split}_examples"):
             spec["max_examples"] = dataset_cfg[f"max_{split}_examples"]

@@ -33,6 +33,7 @@ from post_training.data_sft.mixing import (
 )
 from post_training.data_sft.sources import load, resolve, source_name
 from post_training.data_sft.transforms import (
+    TRANSFORMS,
     FieldError,
     fields_present,
     get_transform,
@@ -210,6 +211,22 @@ def load_mixed(
         return f"sources[{i}] '{names[i]}': {loaded[i][1](j)}"
 
     return [loaded[i][0][j] for i, j in origin], locate, dict(dropped)
+
+
+def is_preference_spec(spec: Any) -> bool:
+    """A source spec whose ``transform`` is a preference transform (after importing its
+    ``transform_module``) and not an SFT one, or a mixture of such sources only."""
+    if not isinstance(spec, Mapping):
+        return False
+    if "sources" in spec:
+        sources = spec["sources"] or []
+        return bool(sources) and all(is_preference_spec(src) for src in sources)
+    if "path" not in spec:
+        return False
+    if spec.get("transform_module"):
+        import_transform_module(str(spec["transform_module"]))
+    name = spec.get("transform")
+    return name in PREFERENCE_TRANSFORMS and name not in TRANSFORMS
 
 
 def spec_label(spec: Mapping[str, Any]) -> str:

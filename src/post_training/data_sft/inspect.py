@@ -31,15 +31,17 @@ import numpy as np
 from omegaconf import DictConfig
 
 from post_training.data_preference.encode import PairReport, encode_pairs
-from post_training.data_preference.pairs import load_preference_pairs, spec_label
-from post_training.data_preference.transforms import PREFERENCE_TRANSFORMS
+from post_training.data_preference.pairs import (
+    is_preference_spec,
+    load_preference_pairs,
+    spec_label,
+)
 from post_training.data_sft.dataset_config import dataset_specs, load_train_eval
 from post_training.data_sft.packing import pack_examples, packing_efficiency
 from post_training.data_sft.sources import load_source
 from post_training.data_sft.templates import ChatTemplate, resolve_template
 from post_training.data_sft.tokenize import ChatEncoder, FilterReport, TokenizeOptions
 from post_training.data_sft.training_data import iter_messages, tokenize_options
-from post_training.data_sft.transforms import TRANSFORMS, import_transform_module
 from post_training.errors import ConfigError, DataError
 from post_training.frame import entrypoint
 from post_training.modeling.loading import load_tokenizer
@@ -147,15 +149,10 @@ def samples(config: Mapping[str, Any], split: str, num_samples: int) -> str:
 
 
 def preference_spec(config: Mapping[str, Any], split: str) -> dict[str, Any] | None:
-    """The split's source spec when its ``transform`` is a preference transform (after importing
-    its ``transform_module``), else None (an SFT split)."""
+    """The split's source (or mixture) spec when it holds preference pairs
+    (:func:`~post_training.data_preference.pairs.is_preference_spec`), else None (SFT)."""
     spec = dataset_specs(config["dataset"])[0 if split == "train" else 1]
-    if not isinstance(spec, Mapping) or "path" not in spec:
-        return None
-    if spec.get("transform_module"):
-        import_transform_module(str(spec["transform_module"]))
-    name = spec.get("transform")
-    return dict(spec) if name in PREFERENCE_TRANSFORMS and name not in TRANSFORMS else None
+    return dict(spec) if is_preference_spec(spec) else None
 
 
 def _lines(messages: Sequence[Mapping[str, str]]) -> str:
