@@ -131,11 +131,9 @@ def evaluate_checkpoint(
     model_path = Path(model_path)
     if not (model_path / "config.json").is_file():
         raise ConfigError(f"model_path {model_path}: no config.json (not a model checkpoint)")
-    rows = read_eval_rows(dataset_cfg)
+    rows = read_eval_rows(dataset_cfg, max_examples)
     if not rows:
         raise ConfigError(f"dataset {dataset_cfg['name']}: no eval split to evaluate on")
-    if max_examples:
-        rows = rows[: int(max_examples)]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     with whole_under_zero3():  # the main process alone, after a ZeRO-3 run: no zero.Init
         model = AutoModelForCausalLM.from_pretrained(

@@ -85,7 +85,7 @@ def record_end(cfg: DictConfig | None, code: int, error: str | None) -> None:
     """``status.json``: the run's end, or, for a launch that started no run, in its Hydra dir
     (rank 0 only; the dirs of other ranks move into the run dir)."""
     from post_training.utils import run_status
-    from post_training.utils.job_lock import launch_rank
+    from post_training.utils.progress import launch_rank
 
     if run_status.active():
         run_status.finish(code, error)

@@ -50,9 +50,13 @@ def load_prompts(frame: Frame) -> list[dict[str, Any]]:
     ]
 
 
-def check_rewards(args: Any) -> None:
-    """Each ``trainer.rewards`` function resolves (a registered name or ``pkg.mod:fn``): a
-    ConfigError naming the entry otherwise."""
+def check_online(args: Any) -> None:
+    """Before the run dir: a launch that shards the policy is refused (each rank samples with
+    the whole policy), and each ``trainer.rewards`` function resolves (a registered name or
+    ``pkg.mod:fn``): a ConfigError naming the entry otherwise."""
+    from post_training.utils.launch_env import ONLINE_SAMPLING, launch_sharding, refuse_sharded
+
+    refuse_sharded(ONLINE_SAMPLING, launch_sharding())
     from post_training.data_alignment.rewards import resolve_reward_function
     from post_training.errors import ConfigError
 
@@ -68,15 +72,14 @@ def run(cfg: DictConfig) -> int:
     """Train and evaluate; returns the process exit code."""
     # before torch is imported: a duplicate launch exits at once (exit 73); the reward names
     # are resolved right after validation, before the run dir is written
-    frame = begin(cfg, check=check_rewards)
+    frame = begin(cfg, check=check_online)
     from post_training.data_sft.training_data import read_eval_rows
     from post_training.online.trainer import OnlineTrainer
 
     prompts = load_prompts(frame)
     evaluation = frame.config["evaluation"]
-    eval_rows = read_eval_rows(evaluation["dataset"]) if evaluation.get("dataset") else []
-    if evaluation.get("max_examples"):
-        eval_rows = eval_rows[: int(evaluation["max_examples"])]
+    dataset = evaluation.get("dataset")
+    eval_rows = read_eval_rows(dataset, evaluation.get("max_examples")) if dataset else []
     model = load_policy(frame)
     return finish(
         frame,

@@ -11,6 +11,7 @@ policy; optionally precomputed once) -> trainer -> final model -> exact-match ev
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -19,9 +20,19 @@ from post_training.frame import begin, entrypoint, finish, load_pairs, load_poli
 log = logging.getLogger(__name__)
 
 
+def check_launch(args: Any) -> None:
+    """Before the run dir: TR-DPO (``trainer.sync_ref_model``) under a launch that shards the
+    parameters is refused."""
+    from post_training.utils.launch_env import TR_DPO, launch_sharding, refuse_sharded
+
+    if getattr(args.trainer, "sync_ref_model", False):
+        refuse_sharded(TR_DPO, launch_sharding())
+
+
 def run(cfg: DictConfig) -> int:
     """Train and evaluate; returns the process exit code."""
-    frame = begin(cfg)  # before torch is imported: a duplicate launch exits at once (exit 73)
+    # before torch is imported: a duplicate launch exits at once (exit 73)
+    frame = begin(cfg, check=check_launch)
     from post_training.data_preference.unpaired import label_balance
     from post_training.losses.table import PREFERENCE_LOSSES, build_loss, check_columns
     from post_training.modeling.loading import is_peft_model

@@ -50,7 +50,7 @@ from post_training.data_sft.tokenize import ChatEncoder, TokenizeOptions
 from post_training.errors import DataError
 from post_training.utils import job_lock
 from post_training.utils.config import config_hash, register_resolvers, to_container
-from post_training.utils.progress import labelled, silence_known_warnings
+from post_training.utils.progress import labelled, launch_rank, silence_known_warnings
 from post_training.utils.run import lock_settings
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def lock_partition(config: Mapping[str, Any], output: StageOutput, create: bool 
     same stage run alongside, each under its own lock. A run that fails leaves no output dir:
     without ``create`` (at the start) a missing output dir is not created — no earlier run, so
     nothing to clean — and the lock is taken before the write (``create``) instead."""
-    if job_lock.launch_rank() != 0 or (not create and not output.output_dir.is_dir()):
+    if launch_rank() != 0 or (not create and not output.output_dir.is_dir()):
         return
     resuming = config.get("resuming") or {}
     name = output.partition.name

@@ -215,12 +215,16 @@ def _read_cache(directory: Path) -> dict[str, Any]:
     return out
 
 
-def read_eval_rows(dataset_cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Canonical eval rows with an assistant turn to predict (generation accuracy)."""
+def read_eval_rows(
+    dataset_cfg: Mapping[str, Any], max_examples: int | None = None
+) -> list[dict[str, Any]]:
+    """Canonical eval rows with an assistant turn to predict (generation accuracy), the first
+    ``max_examples`` of them when given."""
     _, eval_ds, _ = load_train_eval(dataset_cfg)
     if eval_ds is None:
         return []
-    return [r for r in eval_ds if any(m["role"] == "assistant" for m in r["messages"])]
+    rows = [r for r in eval_ds if any(m["role"] == "assistant" for m in r["messages"])]
+    return rows[: int(max_examples)] if max_examples else rows
 
 
 def load_sft_data(

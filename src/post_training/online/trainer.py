@@ -37,7 +37,6 @@ import torch
 from post_training.data_alignment.generation import Completion, SamplingOptions, generate_hf
 from post_training.data_alignment.rewards import RewardModel, resolve_reward_function
 from post_training.data_sft.collate import pad_collate
-from post_training.errors import ConfigError
 from post_training.losses.logprobs import next_token_logps_and_lse, shift_labels
 from post_training.losses.online import (
     NORMALISERS,
@@ -47,9 +46,10 @@ from post_training.losses.online import (
 )
 from post_training.modeling.loading import is_peft_model, load_model, stop_token_ids
 from post_training.trainers.base import Trainer, TrainerContext
-from post_training.trainers.reference import _adapters_off
+from post_training.trainers.reference import adapters_off
 from post_training.trainers.sft import model_inputs, sft_forward
 from post_training.utils.distributed import sharding
+from post_training.utils.launch_env import ONLINE_SAMPLING, refuse_sharded
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +138,7 @@ class OnlineTrainer(Trainer):
         trainer = ctx.config.trainer
         self.iterations = int(trainer.num_iterations)
         super().__init__(ctx)
-        sharded = sharding(self.accelerator)
-        if sharded:
-            raise ConfigError(
-                f"train_online samples with the policy on each rank: not under {sharded} "
-                "(use DDP, ZeRO-1 or ZeRO-2)"
-            )
+        refuse_sharded(ONLINE_SAMPLING, sharding(self.accelerator))  # (checked at launch too)
         self.section = trainer
         self.variant = "rloo" if trainer.name == "rloo" else str(trainer.loss_type)
         self.group = int(trainer.num_generations)
@@ -265,7 +260,7 @@ class OnlineTrainer(Trainer):
             return None
         if self.reference is not None:
             return sft_forward(self.reference, batch, self.args.loss_chunk_size)["logps"]
-        with _adapters_off(policy):  # PEFT: the policy without its adapters
+        with adapters_off(policy):  # PEFT: the policy without its adapters
             return sft_forward(policy, batch, self.args.loss_chunk_size)["logps"]
 
     def _reduce_extremes(self) -> None:

@@ -29,11 +29,11 @@ from post_training.data_preference.collate import (
     per_pair,
     real_pairs,
 )
-from post_training.errors import ConfigError
 from post_training.losses.logprobs import shift_labels
 from post_training.trainers.base import Trainer, TrainerCallback, TrainerContext
 from post_training.trainers.sft import sft_forward
 from post_training.utils.distributed import sharding
+from post_training.utils.launch_env import TR_DPO, refuse_sharded
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,7 @@ class PreferenceTrainer(Trainer):
         self.reference.prepare(self.accelerator)
         self._ref_cache: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
         if self.loss.sync_ref_model:
-            sharded = sharding(self.accelerator)
-            if sharded:
-                raise ConfigError(
-                    "trainer.sync_ref_model=true (TR-DPO) needs whole parameters on every rank: "
-                    f"not under {sharded} (use DDP, ZeRO-1 or ZeRO-2)"
-                )
+            refuse_sharded(TR_DPO, sharding(self.accelerator))  # (and at launch)
             assert self.reference.model is not None, "TR-DPO needs the frozen reference model"
             self.accelerator.register_for_checkpointing(self.reference.model)
             self.callbacks.append(

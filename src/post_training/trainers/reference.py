@@ -46,7 +46,7 @@ REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 MODES = ("none", "dataset", "model", "peft")
 
 
-def _adapters_off(model: torch.nn.Module):
+def adapters_off(model: torch.nn.Module):
     """A context in which a PEFT model runs without its adapters (the base model)."""
     inner = getattr(model, "module", model)  # DDP / accelerate wrappers
     disable = getattr(inner, "disable_adapter", None)
@@ -79,7 +79,7 @@ def summed_logps(
         for start in range(0, len(examples), batch_size):
             batch = pad_collate(list(examples[start : start + batch_size]), pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items() if k not in REF_KEYS}
-            with _adapters_off(model) if without_adapters else nullcontext():
+            with adapters_off(model) if without_adapters else nullcontext():
                 result = sft_forward(model, batch, chunk_size)
             if "position_ids" in batch:
                 stats = pair_statistics(result, batch, ld_alpha)
@@ -252,7 +252,7 @@ class Reference:
         else:  # peft: the policy without its adapters
             was_training = policy.training
             policy.eval()
-            with _adapters_off(policy):
+            with adapters_off(policy):
                 ref = forward(policy, batch)
             policy.train(was_training)
         return ref["chosen_logps"].detach(), ref["rejected_logps"].detach()

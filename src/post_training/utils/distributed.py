@@ -26,16 +26,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
-
-
-def launched_with(kind: str) -> bool:
-    """Whether ``accelerate launch`` asked for ``kind`` (``deepspeed`` or ``fsdp``) on a
-    launched rank (``LOCAL_RANK`` set)."""
-    variable = {"deepspeed": "ACCELERATE_USE_DEEPSPEED", "fsdp": "ACCELERATE_USE_FSDP"}[kind]
-    return _flag(variable) and int(os.environ.get("LOCAL_RANK", -1)) != -1
+from post_training.utils.launch_env import launched_with
 
 
 def make_accelerator(

@@ -59,16 +59,6 @@ class LockSettings:
     stale_after_s: float = 120.0
 
 
-def launch_rank() -> int:
-    """This process's global rank in a launch (``RANK`` from torchrun / ``accelerate launch``,
-    or SLURM's ``SLURM_PROCID`` under ``srun``), 0 for a plain process."""
-    for name in ("RANK", "SLURM_PROCID"):
-        value = os.environ.get(name)
-        if value and value.isdigit():
-            return int(value)
-    return 0
-
-
 def _holder_record() -> dict[str, Any]:
     return {
         "host": socket.gethostname(),

@@ -28,6 +28,7 @@ from post_training.utils import job_lock, run_status
 from post_training.utils.atomic import atomic_write_json, atomic_write_text
 from post_training.utils.checkpointing import complete_checkpoints, resume_candidates
 from post_training.utils.config import config_hash, diff_configs, to_container
+from post_training.utils.progress import launch_rank
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -117,7 +118,7 @@ def lock_resume_target(resolved: dict[str, Any], only_if_exists: bool = False) -
     resuming = resolved.get("resuming")
     if not isinstance(resuming, dict) or resuming.get("resume") is not True:
         return None
-    if job_lock.launch_rank() != 0:
+    if launch_rank() != 0:
         return None
     try:
         directory, _ = resume_target(resolved)
